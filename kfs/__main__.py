@@ -1,0 +1,5 @@
+import sys
+
+from kfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""The in-daemon event bus: areas publish, streams/triggers/metrics subscribe.
+
+Publishing is synchronous and never blocks: each subscriber is a callable run
+inline, and must only record the event (append to a buffer, ``send_nowait`` on
+a channel it owns).  That way nothing published is lost between publisher and
+subscriber, and no area has to import another.
+
+Topics used so far (``data`` is a JSON-serialisable dict):
+  log_line            {"file": "kai.log.jsonl", "record": {...}}
+  log_rotated         {"file": ..., "rotated_to": ...}
+  vault_locked / vault_unlocked / vault_unlock_failed / vault_integrity_error
+  snapshot_created / snapshot_restored
+  kfs_error           {"where": ..., "error": ...}   (daemon diagnostics)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("kfs.bus")
+
+
+@dataclass(frozen=True)
+class Event:
+    topic: str
+    data: dict[str, Any]
+    source: str = ""
+    time_ns: int = field(default_factory=time.time_ns)
+
+
+Subscriber = Callable[[Event], None]
+
+
+class Bus:
+    def __init__(self) -> None:
+        self._subscribers: list[tuple[frozenset[str] | None, Subscriber]] = []
+        self.published = 0
+
+    def subscribe(self, handler: Subscriber, topics: list[str] | None = None) -> Callable[[], None]:
+        """Call ``handler`` for each event (of ``topics``, or all); returns an unsubscribe."""
+        entry = (frozenset(topics) if topics is not None else None, handler)
+        self._subscribers.append(entry)
+
+        def unsubscribe() -> None:
+            if entry in self._subscribers:
+                self._subscribers.remove(entry)
+
+        return unsubscribe
+
+    def publish(self, topic: str, data: dict[str, Any], source: str = "") -> None:
+        event = Event(topic, data, source)
+        self.published += 1
+        for topics, handler in list(self._subscribers):
+            if topics is not None and topic not in topics:
+                continue
+            try:
+                handler(event)
+            except Exception:  # a broken subscriber must not break the publisher
+                log.exception("bus subscriber %r failed on %s", handler, topic)

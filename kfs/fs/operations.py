@@ -1,0 +1,397 @@
+"""pyfuse3.Operations that only dispatch: inode -> (area, path), fh -> Handle.
+
+Nothing here knows what an area stores.  What this layer does own:
+  * inode numbers and lookup counts (`InodeTable`), file handle numbers;
+  * the mount's root directory, whose entries are the areas;
+  * entry/attribute timeouts, per area;
+  * robustness: every handler maps OSError to its errno and anything
+    unexpected to EIO (logged), so one bad request never ends ``pyfuse3.main``;
+  * kernel cache invalidation, sent from a separate thread (`KernelNotifier`).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from kfs.bus import Bus
+from kfs.fs.area import Area, Attr, AttrChanges, Ctx, Handle, fs_error
+from kfs.fs.inodes import ROOT_INODE, InodeTable
+
+log = logging.getLogger("kfs.fs")
+
+NAME_MAX = 255
+ROOT_TIMEOUT = 60.0
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def fuse_handler(func: F) -> F:
+    """Answer OSError with its errno and anything unexpected with EIO, logged."""
+
+    @functools.wraps(func)
+    async def wrapper(self: KfsOperations, *args: Any) -> Any:
+        self.requests += 1
+        try:
+            return await func(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            code = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
+            raise pyfuse3.FUSEError(code) from None
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except BaseException as e:  # noqa: BLE001 - the daemon must survive any request
+            if isinstance(e, BaseExceptionGroup) and e.split(trio.Cancelled)[0] is not None:
+                raise
+            self.errors += 1
+            log.exception("unexpected error in %s%r", func.__name__, args[:2])
+            self.bus.publish("kfs_error", {"where": func.__name__, "error": repr(e)}, "fs")
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _ctx(ctx: Any) -> Ctx:
+    if ctx is None:
+        return Ctx()
+    return Ctx(ctx.uid, ctx.gid, ctx.pid, getattr(ctx, "umask", 0o022))
+
+
+def _name(raw: bytes) -> str:
+    if len(raw) > NAME_MAX:
+        raise fs_error(errno.ENAMETOOLONG)
+    return os.fsdecode(raw)
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+class KernelNotifier:
+    """Queues cache invalidations and sends them from a thread of their own.
+
+    Sending one from inside a request handler can deadlock the session (the
+    kernel waits on locks that the in-flight request holds), so areas only
+    enqueue; the thread calls pyfuse3.
+    """
+
+    def __init__(self, inodes: InodeTable) -> None:
+        self._inodes = inodes
+        self._queue: queue.SimpleQueue[tuple[str, int, Any] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.active = False
+
+    def start(self) -> None:
+        self.active = True
+        self._thread = threading.Thread(target=self._run, name="kfs-notify", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.active = False
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    def invalidate(self, area: str, path: str, attr_only: bool = False) -> None:
+        node = self._inodes.find(area, path)
+        if node is not None and self.active:
+            self._queue.put(("inode", node.inode, attr_only))
+
+    def invalidate_entry(self, area: str, parent: str, name: str) -> None:
+        node = self._inodes.find(area, parent)
+        if node is not None and self.active:
+            self._queue.put(("entry", node.inode, os.fsencode(name)))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            kind, inode, arg = item
+            try:
+                if kind == "inode":
+                    pyfuse3.invalidate_inode(inode, arg)
+                else:
+                    pyfuse3.invalidate_entry(inode, arg)
+            except OSError as e:  # ENOENT: the kernel had already forgotten it
+                if e.errno not in (errno.ENOENT, errno.EBADF):
+                    log.warning("invalidate %s %s failed: %s", kind, inode, e)
+            except Exception:
+                log.exception("invalidate %s %s failed", kind, inode)
+
+
+class KfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, areas: dict[str, Area], bus: Bus, statfs_fd: int) -> None:
+        super().__init__()
+        self.areas = areas
+        self.bus = bus
+        self.statfs_fd = statfs_fd
+        self.inodes = InodeTable()
+        self.notifier = KernelNotifier(self.inodes)
+        for name in areas:
+            self.inodes.pin_area(name)
+        self._handles: dict[int, tuple[Area, Handle]] = {}
+        self._dirs: dict[int, list[tuple[str, Attr, int]]] = {}
+        self._next_fh = 1
+        self.requests = 0
+        self.errors = 0
+        self.started = time.monotonic()
+        self.root_attr = Attr.directory(0o755, os.getuid(), os.getgid())
+
+    # ------------------------------------------------------------------ helpers
+    def _resolve(self, inode: int) -> tuple[Area | None, str]:
+        node = self.inodes.get(inode)
+        if node.area == "":
+            return None, ""
+        if node.path.startswith("\0deleted"):
+            raise fs_error(errno.ENOENT)
+        return self.areas[node.area], node.path
+
+    def _entry(self, inode: int, attr: Attr, area: Area | None) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode
+        entry.generation = 0
+        entry.entry_timeout = area.entry_timeout if area else ROOT_TIMEOUT
+        entry.attr_timeout = area.attr_timeout if area else ROOT_TIMEOUT
+        entry.st_mode = attr.mode
+        entry.st_nlink = attr.nlink
+        entry.st_uid = attr.uid
+        entry.st_gid = attr.gid
+        entry.st_rdev = 0
+        entry.st_size = attr.size
+        entry.st_blksize = 4096
+        entry.st_blocks = (attr.size + 511) // 512
+        entry.st_atime_ns = attr.atime_ns
+        entry.st_mtime_ns = attr.mtime_ns
+        entry.st_ctime_ns = attr.ctime_ns
+        return entry
+
+    async def _child(self, parent_inode: int, raw_name: bytes) -> tuple[Area, str]:
+        """The area and path of ``name`` inside directory ``parent_inode``."""
+        name = _name(raw_name)
+        area, parent = self._resolve(parent_inode)
+        if area is None:
+            if name not in self.areas:
+                raise fs_error(errno.ENOENT if raw_name not in (b".", b"..") else errno.EPERM)
+            return self.areas[name], ""
+        return area, _join(parent, name)
+
+    async def _remember(self, area: Area, path: str) -> pyfuse3.EntryAttributes:
+        attr = await area.lookup(path)
+        node = self.inodes.remember(area.name, path)
+        return self._entry(node.inode, attr, area)
+
+    def _new_fh(self, area: Area, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = (area, handle)
+        return fh
+
+    def _handle(self, fh: int) -> tuple[Area, Handle]:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise fs_error(errno.EBADF) from None
+
+    @staticmethod
+    def _file_info(fh: int, handle: Handle) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(
+            fh=fh, direct_io=handle.direct_io, keep_cache=handle.keep_cache, nonseekable=handle.nonseekable
+        )
+
+    # ------------------------------------------------------------------ metadata
+    @fuse_handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        area, path = await self._child(parent_inode, name)
+        return await self._remember(area, path)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, nlookup in inode_list:
+            self.inodes.forget(inode, nlookup)
+
+    @fuse_handler
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        area, path = self._resolve(inode)
+        attr = self.root_attr if area is None else await area.getattr(path)
+        return self._entry(inode, attr, area)
+
+    @fuse_handler
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        area, path = self._resolve(inode)
+        if area is None:
+            raise fs_error(errno.EPERM)
+        changes = AttrChanges(
+            mode=stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        handle = self._handles[fh][1] if fh is not None and fh in self._handles else None
+        new = await area.setattr(path, changes, handle, _ctx(ctx))
+        return self._entry(inode, new, area)
+
+    @fuse_handler
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.statfs_fd)
+        data = pyfuse3.StatvfsData()
+        for key in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(data, key, getattr(st, key))
+        data.f_namemax = NAME_MAX
+        return data
+
+    # ------------------------------------------------------------------ directories
+    @fuse_handler
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        area, path = self._resolve(inode)
+        if area is None:
+            entries = [(name, await a.getattr(""), self.inodes.ensure(name, "").inode) for name, a in self.areas.items()]
+        else:
+            attr = await area.getattr(path)
+            if not attr.is_dir:
+                raise fs_error(errno.ENOTDIR)
+            listing = await area.readdir(path)
+            entries = [(name, a, self.inodes.ensure(area.name, _join(path, name)).inode) for name, a in listing]
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = entries
+        return fh
+
+    @fuse_handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh)
+        if entries is None:
+            raise fs_error(errno.EBADF)
+        for index in range(start_id, len(entries)):
+            name, attr, inode = entries[index]
+            entry = self._entry(inode, attr, None)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, index + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @fuse_handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        area, path = await self._child(parent_inode, name)
+        if path == "":
+            raise fs_error(errno.EEXIST)
+        await area.mkdir(path, stat.S_IMODE(mode), _ctx(ctx))
+        return await self._remember(area, path)
+
+    @fuse_handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any = None) -> None:
+        area, path = await self._child(parent_inode, name)
+        if path == "":
+            raise fs_error(errno.EBUSY)
+        await area.rmdir(path)
+        self.inodes.removed(area.name, path)
+
+    @fuse_handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any = None) -> None:
+        area, path = await self._child(parent_inode, name)
+        if path == "":
+            raise fs_error(errno.EISDIR)
+        await area.unlink(path)
+        self.inodes.removed(area.name, path)
+
+    @fuse_handler
+    async def rename(
+        self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes, flags: int, ctx: Any = None
+    ) -> None:
+        area_old, old = await self._child(parent_old, name_old)
+        area_new, new = await self._child(parent_new, name_new)
+        if area_old is not area_new:
+            raise fs_error(errno.EXDEV)
+        if old == "" or new == "":
+            raise fs_error(errno.EBUSY)
+        await area_old.rename(old, new, flags)
+        self.inodes.renamed(area_old.name, old, new)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # ------------------------------------------------------------------ files
+    @fuse_handler
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        area, path = self._resolve(inode)
+        if area is None:
+            raise fs_error(errno.EISDIR)
+        handle = await area.open(path, flags, _ctx(ctx))
+        return self._file_info(self._new_fh(area, handle), handle)
+
+    @fuse_handler
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        area, path = await self._child(parent_inode, name)
+        if path == "":
+            raise fs_error(errno.EISDIR)
+        handle = await area.create(path, stat.S_IMODE(mode), flags, _ctx(ctx))
+        fh = self._new_fh(area, handle)
+        try:
+            entry = await self._remember(area, path)
+        except BaseException:
+            self._handles.pop(fh, None)
+            await area.release(handle)
+            raise
+        return self._file_info(fh, handle), entry
+
+    @fuse_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        area, handle = self._handle(fh)
+        return await area.read(handle, off, size)
+
+    @fuse_handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        area, handle = self._handle(fh)
+        return await area.write(handle, off, buf)
+
+    @fuse_handler
+    async def flush(self, fh: int) -> None:
+        area, handle = self._handle(fh)
+        await area.flush(handle)
+
+    @fuse_handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        area, handle = self._handle(fh)
+        await area.fsync(handle, datasync)
+
+    @fuse_handler
+    async def release(self, fh: int) -> None:
+        area, handle = self._handles.pop(fh, (None, None))
+        if area is not None and handle is not None:
+            await area.release(handle)
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        uptime = time.monotonic() - self.started
+        return {
+            "requests": self.requests,
+            "requests_per_s": round(self.requests / uptime, 1) if uptime > 0 else 0.0,
+            "errors": self.errors,
+            "inodes": len(self.inodes),
+            "open_handles": len(self._handles),
+        }
