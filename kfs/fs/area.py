@@ -139,9 +139,31 @@ class KernelCache(Protocol):
 
 
 class SnapshotSink(Protocol):
-    """Where an area writes its state for a snapshot (see kfs/snapshots)."""
+    """Where an area writes its state for a snapshot (implemented in kfs/snapshots).
 
-    def add_file(self, arcname: str, data: bytes, compress: bool = True) -> None: ...
+    ``arcname`` is relative to the area's folder in the zip (``logs/...``
+    is added by the sink).  ``compress=False`` for data that does not
+    compress (ciphertext).  Calls may come from a worker thread.
+    """
+
+    def add_bytes(self, arcname: str, data: bytes, compress: bool = True) -> None: ...
+
+    def add_store_file(self, arcname: str, store: Any, path: str, length: int | None = None,
+                       compress: bool = True) -> None:
+        """Copy ``path`` of a `kfs.store.StoreDir` (its first ``length`` bytes) in bounded memory."""
+        ...
+
+
+class SnapshotSource(Protocol):
+    """A snapshot's files for one area, already checked (no zip-slip, sizes bounded)."""
+
+    def names(self) -> list[str]: ...
+
+    def read_bytes(self, name: str) -> bytes: ...
+
+    def copy_to(self, name: str, store: Any, path: str) -> None:
+        """Write entry ``name`` to ``path`` of a `kfs.store.StoreDir`, fsynced, in bounded memory."""
+        ...
 
 
 class Area:
@@ -231,10 +253,19 @@ class Area:
 
     # -- snapshots (kfs/snapshots calls these; no snapshot code in areas) -----
     async def export_state(self, sink: SnapshotSink, scope: dict[str, Any]) -> None:
-        """Write this area's state into a snapshot (``scope``: type, agent, ...)."""
+        """Write this area's state into a snapshot.
 
-    async def restore_state(self, files: dict[str, bytes]) -> list[str]:
-        """Replace this area's state from snapshot files; return changed paths."""
+        ``scope``: {"type": "full"|"agent"|"conversation", "agent": id or None,
+        "memory_window": N}.  Capture a consistent point quickly (hold the area's
+        write path only for that), then copy outside the hold.
+        """
+
+    async def restore_state(self, source: SnapshotSource) -> list[str]:
+        """Replace this area's state atomically from a snapshot; return changed paths.
+
+        Old or new state after a crash, never a mix.  The caller invalidates the
+        kernel's caches for the returned paths and publishes snapshot_restored.
+        """
         return []
 
 

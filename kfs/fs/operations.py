@@ -27,7 +27,7 @@ import trio
 
 from kfs.bus import Bus
 from kfs.fs.area import Area, Attr, AttrChanges, Ctx, Handle, fs_error
-from kfs.fs.inodes import ROOT_INODE, InodeTable
+from kfs.fs.inodes import InodeTable
 
 log = logging.getLogger("kfs.fs")
 
@@ -52,7 +52,7 @@ def fuse_handler(func: F) -> F:
             raise pyfuse3.FUSEError(code) from None
         except (trio.Cancelled, KeyboardInterrupt):
             raise
-        except BaseException as e:  # noqa: BLE001 - the daemon must survive any request
+        except BaseException as e:
             if isinstance(e, BaseExceptionGroup) and e.split(trio.Cancelled)[0] is not None:
                 raise
             self.errors += 1
@@ -261,7 +261,9 @@ class KfsOperations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any = None) -> int:
         area, path = self._resolve(inode)
         if area is None:
-            entries = [(name, await a.getattr(""), self.inodes.ensure(name, "").inode) for name, a in self.areas.items()]
+            entries = [
+                (name, await a.getattr(""), self.inodes.ensure(name, "").inode) for name, a in self.areas.items()
+            ]
         else:
             attr = await area.getattr(path)
             if not attr.is_dir:
