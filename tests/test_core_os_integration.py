@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, is_mounted, kfs_cli, lazy_unmount
+
 from kfs.paths import default_store, systemd_escape_path
 
 HELPER = Path("/sbin/mount.fuse.kfs")
