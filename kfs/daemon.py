@@ -33,6 +33,10 @@ from kfs.store import StoreDir
 
 log = logging.getLogger("kfs.daemon")
 
+# Nothing leaves the machine unless configured to (set before chromadb/onnxruntime load).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
 #: the areas, in the order of the tree: (name, module, class, config attribute)
 AREAS: list[tuple[str, str, str, str]] = [
     ("vault", "kfs.vault.area", "VaultArea", "vault"),
@@ -170,7 +174,8 @@ class Daemon:
             log.info("unmounted %s", self.opts.mountpoint)
 
     async def _fuse_main(self) -> None:
-        await pyfuse3.main()
+        # Stream readers each hold a worker for up to read_wait: allow many at once.
+        await pyfuse3.main(min_tasks=4, max_tasks=512)
         # main() returns when the kernel unmounted us (fusermount -u): stop too.
         await self.shutdown()
 

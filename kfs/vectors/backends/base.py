@@ -1,0 +1,86 @@
+"""The interface every vector backend implements.
+
+Methods are blocking (they talk to a database): the area calls them through
+``trio.to_thread``.  Records cross this boundary as `StoredRecord`; metadata is
+the user's, whole: backends keep it losslessly however they store it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kfs.vectors.schema import RESERVED_PREFIX
+
+META_KEY = RESERVED_PREFIX + "_meta"
+
+
+class BackendError(Exception):
+    """The backend failed or cannot be reached; the sync agent retries later."""
+
+
+@dataclass
+class StoredRecord:
+    id: str
+    embedding: list[float] | None
+    metadata: dict[str, Any]
+    document: str | None = None
+    distance: float | None = None
+
+
+def flatten_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Scalar keys stay filterable; the whole object rides along as JSON (lossless)."""
+    flat: dict[str, Any] = {
+        k: v for k, v in metadata.items() if isinstance(v, str | int | float | bool) and not isinstance(v, type(None))
+    }
+    flat[META_KEY] = json.dumps(metadata, separators=(",", ":"))
+    return flat
+
+
+def unflatten_metadata(flat: dict[str, Any] | None) -> dict[str, Any]:
+    if not flat:
+        return {}
+    if META_KEY in flat:
+        return json.loads(flat[META_KEY])
+    return dict(flat)  # written by someone else than kfs
+
+
+class Backend:
+    """A vector database.  ``distance`` is "cosine", "l2" or "ip" (fixed per collection)."""
+
+    name = "base"
+
+    def connect(self) -> None:
+        """Import the client library and open the database (slow: called in a thread)."""
+
+    def close(self) -> None:
+        """Release the database."""
+
+    def list_collections(self) -> list[str]:
+        raise NotImplementedError
+
+    def ensure_collection(self, name: str, distance: str) -> None:
+        raise NotImplementedError
+
+    def drop_collection(self, name: str) -> None:
+        raise NotImplementedError
+
+    def upsert(self, name: str, ids: Sequence[str], embeddings: Sequence[Sequence[float]],
+               metadatas: Sequence[dict[str, Any]], documents: Sequence[str | None]) -> None:
+        raise NotImplementedError
+
+    def delete(self, name: str, ids: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def count(self, name: str) -> int:
+        raise NotImplementedError
+
+    def page(self, name: str, offset: int, limit: int) -> list[StoredRecord]:
+        """Records ``offset``..``offset+limit`` in the backend's stable order, with embeddings."""
+        raise NotImplementedError
+
+    def query(self, name: str, embedding: Sequence[float], k: int) -> list[StoredRecord]:
+        """The ``k`` nearest records, nearest first, with ``distance`` set."""
+        raise NotImplementedError
