@@ -24,7 +24,8 @@ STRESS = textwrap.dedent(
     names = ["a.log.jsonl", "b.log.jsonl", "secret.json", "chat", "c1", "x", "d/e", "records.jsonl", "k" * 300]
     flags_pool = [os.O_RDONLY, os.O_WRONLY | os.O_APPEND, os.O_RDWR, os.O_WRONLY | os.O_TRUNC,
                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, os.O_RDWR | os.O_CREAT, os.O_RDONLY | os.O_NONBLOCK,
-                  os.O_WRONLY | os.O_CREAT | os.O_EXCL, os.O_RDONLY | os.O_DIRECT, os.O_WRONLY | os.O_DIRECT | os.O_CREAT]
+                  os.O_WRONLY | os.O_CREAT | os.O_EXCL, os.O_RDONLY | os.O_DIRECT,
+                  os.O_WRONLY | os.O_DIRECT | os.O_CREAT]
     payloads = [b"", b"\n", b"{}\n", b'{"event":"x","level":"info"}\n', b"not json\n", b"\xff\xfe\x00",
                 b'{"a":1}', b'{"id":"r1","embedding":[0.1,0.2]}\n', os.urandom(5000)]
     eio = 0
