@@ -1,0 +1,136 @@
+"""One set of POSIX checks, run first on a plain Linux directory as the baseline and
+then on kfs directories that promise normal file semantics (vault/).
+
+Each check takes a fresh, empty directory and asserts what Linux does; where kfs
+differs from the baseline, the check says so by failing on the mount only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+CHECKS: list[Callable[[Path], None]] = []
+
+
+def check(func: Callable[[Path], None]) -> Callable[[Path], None]:
+    CHECKS.append(func)
+    return func
+
+
+def expect_errno(code: int, func: Callable[[], object]) -> None:
+    with pytest.raises(OSError) as e:
+        func()
+    assert e.value.errno == code, f"expected {errno.errorcode[code]}, got {e.value!r}"
+
+
+@check
+def write_then_read_back(d: Path) -> None:
+    (d / "f").write_bytes(b"hello")
+    assert (d / "f").read_bytes() == b"hello"
+    assert (d / "f").stat().st_size == 5
+
+
+@check
+def overwrite_truncates(d: Path) -> None:
+    (d / "f").write_bytes(b"long contents")
+    (d / "f").write_bytes(b"short")
+    assert (d / "f").read_bytes() == b"short"
+
+
+@check
+def append_mode_appends(d: Path) -> None:
+    (d / "f").write_bytes(b"a")
+    with open(d / "f", "ab") as f:
+        f.write(b"b")
+    assert (d / "f").read_bytes() == b"ab"
+
+
+@check
+def pwrite_past_the_end_leaves_a_zero_hole(d: Path) -> None:
+    fd = os.open(d / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"x", 10)
+        assert os.pread(fd, 100, 0) == b"\0" * 10 + b"x"
+    finally:
+        os.close(fd)
+
+
+@check
+def truncate_extends_with_zeros_and_shrinks(d: Path) -> None:
+    (d / "f").write_bytes(b"abc")
+    os.truncate(d / "f", 6)
+    assert (d / "f").read_bytes() == b"abc\0\0\0"
+    os.truncate(d / "f", 1)
+    assert (d / "f").read_bytes() == b"a"
+
+
+@check
+def exclusive_create_of_an_existing_file_fails(d: Path) -> None:
+    (d / "f").write_bytes(b"")
+    expect_errno(errno.EEXIST, lambda: os.open(d / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+
+
+@check
+def missing_file_is_enoent(d: Path) -> None:
+    expect_errno(errno.ENOENT, lambda: os.stat(d / "nope"))
+    expect_errno(errno.ENOENT, lambda: open(d / "nope", "rb"))
+
+
+@check
+def rename_replaces_the_target_atomically(d: Path) -> None:
+    (d / "a").write_bytes(b"new")
+    (d / "b").write_bytes(b"old")
+    os.rename(d / "a", d / "b")
+    assert (d / "b").read_bytes() == b"new"
+    assert not (d / "a").exists()
+
+
+@check
+def directories_nest_list_and_refuse_rmdir_when_not_empty(d: Path) -> None:
+    (d / "sub" / "deeper").mkdir(parents=True)
+    (d / "sub" / "file").write_bytes(b"x")
+    assert sorted(os.listdir(d / "sub")) == ["deeper", "file"]
+    expect_errno(errno.ENOTEMPTY, lambda: os.rmdir(d / "sub"))
+    expect_errno(errno.EEXIST, lambda: os.mkdir(d / "sub"))
+    expect_errno(errno.ENOTDIR, lambda: os.listdir(d / "sub" / "file"))
+    os.rename(d / "sub", d / "moved")
+    assert (d / "moved" / "file").read_bytes() == b"x"
+
+
+@check
+def unlink_removes_and_rmdir_removes(d: Path) -> None:
+    (d / "f").write_bytes(b"x")
+    (d / "dir").mkdir()
+    os.unlink(d / "f")
+    os.rmdir(d / "dir")
+    assert os.listdir(d) == []
+    expect_errno(errno.EISDIR, lambda: open(d, "wb"))
+
+
+@check
+def chmod_and_utime_stick(d: Path) -> None:
+    (d / "f").write_bytes(b"x")
+    os.chmod(d / "f", 0o640)
+    os.utime(d / "f", ns=(1_000_000_000, 2_000_000_000))
+    st = os.stat(d / "f")
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    assert st.st_mtime_ns == 2_000_000_000
+
+
+@check
+def an_open_file_still_reads_after_unlink(d: Path) -> None:
+    (d / "f").write_bytes(b"still here")
+    with open(d / "f", "rb") as f:
+        os.unlink(d / "f")
+        assert f.read() == b"still here"
+
+
+@check
+def long_names_get_enametoolong(d: Path) -> None:
+    expect_errno(errno.ENAMETOOLONG, lambda: open(d / ("x" * 256), "wb"))
