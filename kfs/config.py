@@ -62,6 +62,13 @@ class VaultConfig:
     auto_lock_timeout: Duration = Duration(900)
     chunk_size: int = 65536
 
+    def __post_init__(self) -> None:
+        # the content format accepts 512 B .. 1 MiB chunks (kfs/vault/contentenc.py)
+        if not 512 <= self.chunk_size <= 1 << 20:
+            raise ConfigError(f"vault_config.yaml: chunk_size: must be between 512 and 1048576, got {self.chunk_size}")
+        if self.kdf_iterations < 1000:
+            raise ConfigError(f"vault_config.yaml: kdf_iterations: must be at least 1000, got {self.kdf_iterations}")
+
 
 @dataclass
 class LogstashConfig:
@@ -69,6 +76,8 @@ class LogstashConfig:
     port: int = 5000
     reconnect_max: Duration = Duration(30)
     spool_max_mb: int = 1024
+    #: lines sent less than this long before a connection drops are sent again (at least once)
+    replay_window: Duration = Duration(2)
 
 
 @dataclass
@@ -79,6 +88,14 @@ class LoggingConfig:
     rotate_size_mb: float = 100
     retention_check_interval: Duration = Duration(3600)
     logstash: LogstashConfig | None = None
+
+
+@dataclass
+class MemorySyncConfig:
+    collection: str = "agent_memory"
+    topic: str = "log_line"
+    match: dict[str, str] = field(default_factory=dict)
+    text_field: str = "message"
 
 
 @dataclass
@@ -95,12 +112,22 @@ class VectorConfig:
     embedding_endpoint: str | None = None
     embedding_api_key_secret: str | None = None
     search_k: int = 10
-    memory_sync: list[dict[str, Any]] = field(default_factory=list)
+    distance: Literal["cosine", "l2", "ip"] = "cosine"
+    memory_sync: list[MemorySyncConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for key, low, high in (("batch_size", 1, 100_000), ("search_k", 1, 1000), ("port", 1, 65535)):
+            value = getattr(self, key)
+            if not low <= value <= high:
+                raise ConfigError(f"vector_config.yaml: {key}: must be between {low} and {high}, got {value}")
+        if self.dimension is not None and not 1 <= self.dimension <= 65536:
+            raise ConfigError(f"vector_config.yaml: dimension: must be between 1 and 65536, got {self.dimension}")
 
 
 @dataclass
 class SnapshotsConfig:
-    compression: Literal["auto", "stored", "deflate", "zstd"] = "auto"
+    # no zstd: Debian's unzip 6.0 cannot read zip method 93, and snapshots must stay unzip-readable
+    compression: Literal["auto", "stored", "deflate"] = "auto"
     interval: Duration | None = None
     on_events: list[str] = field(default_factory=list)
     event_debounce: Duration = Duration(60)

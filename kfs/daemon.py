@@ -123,6 +123,11 @@ def build_areas(opts: MountOptions, store: StoreDir, bus: Bus) -> dict[str, Area
             areas[name] = EmptyArea(name, bus)
             continue
         areas[name] = cls(bus, store.subdir(name, mode=0o755), area_config, opts)
+    # An area that works on the others (snapshots) gets them here, without importing them.
+    for area in areas.values():
+        attach = getattr(area, "attach_peers", None)
+        if callable(attach):
+            attach(areas)
     return areas
 
 

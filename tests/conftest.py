@@ -36,6 +36,26 @@ def kfs_cli(*args: str, input: bytes | None = None, env: dict[str, str] | None =
     )
 
 
+def retained_events(path: Path) -> list[dict[str, Any]]:
+    """Every event a stream file holds now: read with O_NONBLOCK until EAGAIN, not waiting for more."""
+    import json
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    data = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    return [json.loads(line) for line in data.splitlines()]
+
+
 def is_mounted(path: Path) -> bool:
     with open("/proc/self/mounts") as f:
         return any(line.split()[1] == str(path) for line in f)
@@ -66,7 +86,12 @@ class Mount:
 
     def write_config(self) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
-        for filename, values in self.config.items():
+        config = {filename: dict(values) for filename, values in self.config.items()}
+        # Tests mount several kfs at once: each WebSocket broker takes a free port
+        # unless the test chose one.
+        streams = config.setdefault("streams.yaml", {})
+        streams["websocket"] = {"port": 0, **(streams.get("websocket") or {})}
+        for filename, values in config.items():
             (self.config_dir / filename).write_text(yaml.safe_dump(values))
 
     def env(self) -> dict[str, str]:

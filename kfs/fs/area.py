@@ -44,6 +44,9 @@ class Attr:
     atime_ns: int = 0
     mtime_ns: int = 0
     ctime_ns: int = 0
+    #: st_blksize, the preferred I/O size: stdio and Python size their buffers by it, so a larger
+    #: value means fewer FUSE requests for buffered writers (logs/ uses 128 KiB)
+    blksize: int = 4096
 
     @property
     def is_dir(self) -> bool:
@@ -258,6 +261,11 @@ class Area:
         ``scope``: {"type": "full"|"agent"|"conversation", "agent": id or None,
         "memory_window": N}.  Capture a consistent point quickly (hold the area's
         write path only for that), then copy outside the hold.
+        For ``conversation`` snapshots ``scope["memory_events"]`` is a list:
+        an area holding conversation events (logs, streams) appends its last N
+        as dicts ``{"timestamp": RFC3339, "area": name, "source": file or
+        stream, "record": {...}}``; the snapshot keeps the newest N of all of
+        them, by timestamp, in ``memory_window.json``.
         """
 
     async def restore_state(self, source: SnapshotSource) -> list[str]:

@@ -172,7 +172,7 @@ class KfsOperations(pyfuse3.Operations):
         entry.st_gid = attr.gid
         entry.st_rdev = 0
         entry.st_size = attr.size
-        entry.st_blksize = 4096
+        entry.st_blksize = attr.blksize
         entry.st_blocks = (attr.size + 511) // 512
         entry.st_atime_ns = attr.atime_ns
         entry.st_mtime_ns = attr.mtime_ns

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 #: one line (an assembled JSON object) may not be longer than this
 MAX_LINE_BYTES = 16 << 20
 
@@ -74,9 +76,15 @@ class Batch:
     filtered: int = 0  # lines accepted but not stored (below the level)
 
 
+class _Slow(Exception):
+    """The batch needs the general path."""
+
+
 class LineValidator:
     def __init__(self, level: str = "debug") -> None:
         self.min_rank = LEVELS.get(level.lower(), 0)
+        #: level names (lower case) that are dropped
+        self.below_names = frozenset(name for name, rank in LEVELS.items() if rank < self.min_rank)
         self.clock = TimestampClock()
 
     def below_level(self, record: dict[str, Any]) -> bool:
@@ -88,7 +96,49 @@ class LineValidator:
         return rank is not None and rank < self.min_rank
 
     def process(self, raw: bytes) -> Batch:
-        """Validate complete lines (``raw`` ends with ``\\n``); raise LineError naming the first bad one."""
+        """Validate complete lines (``raw`` ends with ``\\n``); raise LineError naming the first bad one.
+
+        The fast path covers batches whose lines are all bare, non-empty objects (``{`` first,
+        ``}`` last) that either all carry a timestamp (stored as they are) or none does (one
+        timestamp inserted into every line with a single ``bytes.replace``: a valid line holds
+        no raw newline, so ``\\n{`` only ever starts a line).  It parses with orjson (strict
+        RFC 8259, validates UTF-8; about 1.5x the standard library here).  Anything else, and
+        anything orjson refuses, takes the general path, which also words the error.
+        """
+        records: list[dict[str, Any]] = []
+        append = records.append
+        loads = orjson.loads
+        below = self.below_names
+        stamped = 0
+        lines = raw.split(b"\n")
+        lines.pop()  # raw ends with a newline
+        try:
+            for line in lines:
+                if line[:1] != b"{" or line[-1:] != b"}":
+                    raise _Slow
+                record = loads(line)
+                if record.__class__ is not dict or not record:
+                    raise _Slow
+                if "timestamp" in record:
+                    stamped += 1
+                if below:
+                    level = record.get("level")
+                    if level.__class__ is str and level.lower() in below:
+                        raise _Slow
+                append(record)
+        except (_Slow, orjson.JSONDecodeError):
+            return self._process_general(raw)
+        if stamped == len(records):
+            return Batch(raw, records)
+        if stamped:
+            return self._process_general(raw)
+        timestamp = self.clock.now()
+        for record in records:
+            record["timestamp"] = timestamp
+        head = b'{"timestamp":"' + timestamp.encode() + b'",'
+        return Batch(head + raw[1:].replace(b"\n{", b"\n" + head), records)
+
+    def _process_general(self, raw: bytes) -> Batch:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -120,6 +170,8 @@ class LineValidator:
                 raise LineError(f"line {line_no}: not valid JSON") from None
             except ValueError as e:
                 raise LineError(f"line {line_no}: not valid JSON ({e})") from None
+            except RecursionError:
+                raise LineError(f"line {line_no}: nested too deeply") from None
             if end > newline:
                 raise LineError(f"line {line_no}: not valid JSON (object spans lines)")
             if end != newline:

@@ -73,9 +73,14 @@ class Writers:
 
     def release(self, log: LogFile) -> None:
         log.users -= 1
-        if log.users <= 0 and self.files.get(log.path) is log:
-            del self.files[log.path]
+        if log.users <= 0:
+            if self.files.get(log.path) is log:
+                del self.files[log.path]
             log.close()
+
+    def forget(self, path: str) -> None:
+        """``path`` was unlinked: open handles keep writing to the old file, new opens get a new one."""
+        self.files.pop(path, None)
 
     def reopen(self, log: LogFile) -> None:
         """After a rotation renamed the file away: point ``log`` at a fresh file at ``log.path``."""

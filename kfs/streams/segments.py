@@ -148,6 +148,34 @@ class SegmentLog:
         self._retain()
         return seq, offset
 
+    def append_many(self, lines: list[bytes]) -> None:
+        """Write complete lines, one ``os.write`` per segment they land in."""
+        index = 0
+        while index < len(lines):
+            seg = self.segments[-1] if self.segments else None
+            if seg is None or seg.events >= self.segment_events or (
+                    seg.size and seg.size + len(lines[index]) > self.segment_bytes):
+                seg = self._roll()
+            if seg.fd < 0:
+                seg.fd = self.directory.open_fd(seg.name, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+            take, size = 0, seg.size
+            while index + take < len(lines) and seg.events + take < self.segment_events and (
+                    take == 0 or size + len(lines[index + take]) <= self.segment_bytes):
+                size += len(lines[index + take])
+                take += 1
+            chunk = lines[index: index + take]
+            view = memoryview(b"".join(chunk))
+            while view:
+                view = view[os.write(seg.fd, view):]
+            for line in chunk:
+                self.offsets.append(self.end_offset)
+                self.end_offset += len(line)
+                self.next_seq += 1
+            seg.size = size
+            seg.events += take
+            index += take
+        self._retain()
+
     def _roll(self) -> Segment:
         seg = Segment(self.next_seq, self.end_offset, segment_name(self.next_seq, self.end_offset))
         seg.fd = self.directory.open_fd(seg.name, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o640)
@@ -183,7 +211,8 @@ class SegmentLog:
         index = bisect.bisect_right([s.first_offset for s in self.segments], offset) - 1
         seg = self.segments[index]
         if seg.fd < 0:
-            seg.fd = self.directory.open_fd(seg.name, os.O_RDONLY)
+            # Read-write even here: the active segment's fd is also the one appends use.
+            seg.fd = self.directory.open_fd(seg.name, os.O_RDWR | os.O_APPEND)
         want = min(size, seg.end_offset - offset)
         return os.pread(seg.fd, want, offset - seg.first_offset)
 

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+import orjson
+
 CONTEXTS = ("chat", "workflow", "doc")
 #: metadata keys starting with this are kfs's own inside a backend.
 RESERVED_PREFIX = "_kfs"
@@ -65,7 +68,7 @@ class Record:
     """One validated operation on a collection."""
 
     id: str
-    embedding: list[float] | None = None
+    embedding: Any = None  # numpy float64 vector
     text: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     delete: bool = False
@@ -84,8 +87,9 @@ class Record:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Record:
         """A record kfs wrote itself (queue, snapshot): trusted, not re-validated."""
-        return cls(obj["id"], obj.get("embedding"), obj.get("text"), obj.get("metadata") or {},
-                   bool(obj.get("delete")))
+        embedding = obj.get("embedding")
+        return cls(obj["id"], None if embedding is None else as_vector(embedding), obj.get("text"),
+                   obj.get("metadata") or {}, bool(obj.get("delete")))
 
 
 def _uuid(value: Any, what: str) -> str:
@@ -131,27 +135,30 @@ def check_metadata(meta: Any) -> dict[str, Any]:
     return meta
 
 
-def check_embedding(value: Any, dimension: int | None) -> list[float]:
+def check_embedding(value: Any, dimension: int | None) -> Any:
     if not isinstance(value, list) or not value:
         raise SchemaError("embedding must be a non-empty list of numbers")
-    out: list[float] = []
-    for x in value:
-        if isinstance(x, bool) or not isinstance(x, int | float):
-            raise SchemaError(f"embedding must hold numbers only, got {json.dumps(x)[:40]}")
-        f = float(x)
-        if not math.isfinite(f):
-            raise SchemaError("embedding must hold finite numbers (no NaN or Infinity)")
-        out.append(f)
-    if dimension is not None and len(out) != dimension:
-        raise SchemaError(f"embedding has {len(out)} dimensions, the collection has {dimension}")
-    return out
+    if dimension is not None and len(value) != dimension:
+        raise SchemaError(f"embedding has {len(value)} dimensions, the collection has {dimension}")
+    # Set-of-types and sum() run in C: ~20x faster than a Python loop over 384 floats.
+    if not set(map(type, value)) <= {float, int}:
+        bad = next(x for x in value if type(x) not in (float, int))
+        raise SchemaError(f"embedding must hold numbers only, got {json.dumps(bad)[:40]}")
+    if not math.isfinite(sum(value)) and not all(math.isfinite(x) for x in value):
+        raise SchemaError("embedding must hold finite numbers (no NaN or Infinity)")
+    return as_vector(value)
+
+
+def as_vector(value: Any) -> Any:
+    """A float64 numpy array: 8 bytes a number instead of ~32 in a list (queued records stay in memory)."""
+    return np.asarray(value, dtype=np.float64)
 
 
 def parse_record(line: bytes | str, dimension: int | None, text_dimension: int | None) -> Record:
     """Validate one JSON line.  ``dimension``: the collection's (None = not fixed yet);
     ``text_dimension``: what the embedder produces (None = unknown until it runs)."""
     try:
-        obj = json.loads(line)
+        obj = orjson.loads(line)
     except (ValueError, UnicodeDecodeError) as e:
         raise SchemaError(f"not valid JSON: {e}") from None
     if not isinstance(obj, dict):

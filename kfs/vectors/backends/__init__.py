@@ -13,7 +13,16 @@ def make_backend(config: Any, store_path: str) -> Backend:
         from kfs.vectors.backends.chroma import ChromaBackend
 
         return ChromaBackend(config, store_path)
-    raise BackendError(f"provider {config.provider!r} is not built yet (chroma is)")
+    if config.provider == "qdrant" and config.mode == "embedded":
+        from kfs.vectors.backends.qdrant import QdrantEdgeBackend
+
+        return QdrantEdgeBackend(config, store_path)
+    if config.provider == "milvus":
+        from kfs.vectors.backends.milvus import MilvusBackend
+
+        return MilvusBackend(config, store_path)
+    raise BackendError(f"provider {config.provider!r} in {config.mode} mode is not built yet "
+                       "(chroma embedded and server, qdrant embedded, milvus are)")
 
 
 __all__ = ["Backend", "BackendError", "make_backend"]

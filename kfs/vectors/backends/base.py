@@ -24,7 +24,7 @@ class BackendError(Exception):
 @dataclass
 class StoredRecord:
     id: str
-    embedding: list[float] | None
+    embedding: Any  # a sequence of floats (a numpy row from Chroma)
     metadata: dict[str, Any]
     document: str | None = None
     distance: float | None = None
@@ -33,7 +33,7 @@ class StoredRecord:
 def flatten_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     """Scalar keys stay filterable; the whole object rides along as JSON (lossless)."""
     flat: dict[str, Any] = {
-        k: v for k, v in metadata.items() if isinstance(v, str | int | float | bool) and not isinstance(v, type(None))
+        k: v for k, v in metadata.items() if isinstance(v, str | int | float | bool)
     }
     flat[META_KEY] = json.dumps(metadata, separators=(",", ":"))
     return flat
@@ -61,7 +61,9 @@ class Backend:
     def list_collections(self) -> list[str]:
         raise NotImplementedError
 
-    def ensure_collection(self, name: str, distance: str) -> None:
+    def ensure_collection(self, name: str, distance: str, dimension: int | None) -> None:
+        """Create ``name`` if missing (``dimension`` None: not known yet; a backend that needs it
+        creates the collection at its first upsert)."""
         raise NotImplementedError
 
     def drop_collection(self, name: str) -> None:
@@ -77,8 +79,9 @@ class Backend:
     def count(self, name: str) -> int:
         raise NotImplementedError
 
-    def page(self, name: str, offset: int, limit: int) -> list[StoredRecord]:
-        """Records ``offset``..``offset+limit`` in the backend's stable order, with embeddings."""
+    def page(self, name: str, cursor: Any, limit: int) -> tuple[list[StoredRecord], Any]:
+        """Up to ``limit`` records with embeddings from ``cursor`` (None: the start), and the
+        cursor of the next page (None: that was the last)."""
         raise NotImplementedError
 
     def query(self, name: str, embedding: Sequence[float], k: int) -> list[StoredRecord]:

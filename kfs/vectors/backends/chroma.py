@@ -6,6 +6,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from kfs.vectors.backends.base import (
     Backend,
     BackendError,
@@ -77,7 +79,7 @@ class ChromaBackend(Backend):
 
         return self._call(run)
 
-    def ensure_collection(self, name: str, distance: str) -> None:
+    def ensure_collection(self, name: str, distance: str, dimension: int | None) -> None:
         def run() -> None:
             self._collections[name] = self._client.get_or_create_collection(
                 name, metadata={"hnsw:space": distance}, embedding_function=None
@@ -102,7 +104,9 @@ class ChromaBackend(Backend):
 
         def run() -> None:
             self._collection(name).upsert(
-                ids=list(ids), embeddings=[list(e) for e in embeddings], metadatas=flat, documents=list(documents)
+                # One 2-D float32 array: Chroma validates it faster than a list of lists.
+                ids=list(ids), embeddings=np.asarray(np.stack([np.asarray(e) for e in embeddings]), dtype=np.float32),
+                metadatas=flat, documents=list(documents),
             )
 
         self._call(run)
@@ -113,29 +117,25 @@ class ChromaBackend(Backend):
     def count(self, name: str) -> int:
         return int(self._call(lambda: self._collection(name).count()))
 
-    def page(self, name: str, offset: int, limit: int) -> list[StoredRecord]:
+    def page(self, name: str, cursor: Any, limit: int) -> tuple[list[StoredRecord], Any]:
+        offset = int(cursor or 0)
         got = self._call(lambda: self._collection(name).get(
             limit=limit, offset=offset, include=["embeddings", "metadatas", "documents"]))
         embeddings = got.get("embeddings")
         out = []
         for i, record_id in enumerate(got["ids"]):
-            emb = None if embeddings is None else [float(x) for x in embeddings[i]]
+            emb = None if embeddings is None else embeddings[i]  # numpy float32 row
             out.append(StoredRecord(record_id, emb, unflatten_metadata((got.get("metadatas") or [None])[i]),
                                     (got.get("documents") or [None] * (i + 1))[i]))
-        return out
+        return out, (offset + len(out) if len(out) == limit else None)
 
     def query(self, name: str, embedding: Sequence[float], k: int) -> list[StoredRecord]:
         def run() -> Any:
-            col = self._collection(name)
-            n = col.count()
-            if n == 0:
-                return None
-            return col.query(query_embeddings=[list(embedding)], n_results=min(k, n),
-                             include=["metadatas", "documents", "distances"])
+            # n_results above the collection's size is fine: Chroma returns what it has.
+            return self._collection(name).query(query_embeddings=[list(embedding)], n_results=k,
+                                                include=["metadatas", "documents", "distances"])
 
         got = self._call(run)
-        if got is None:
-            return []
         out = []
         metas = (got.get("metadatas") or [[]])[0]
         docs = (got.get("documents") or [[]])[0]

@@ -1,0 +1,658 @@
+"""vault/: files stored as AES-256-GCM ciphertext, read and written as plaintext.
+
+Modules, one per concern (after gocryptfs's internal/): `cryptocore` (the
+cipher), `contentenc` (header + chunk format), `keyfile` (the wrapped master
+key), `lockstate` (key in memory, mlock, idle clock), `openfile` (plaintext
+views and the atomic working copy), `cli` (``kfs vault ...``).  This module
+maps the Area interface onto them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from kfs.bus import Bus
+from kfs.config import VaultConfig
+from kfs.control import ControlError
+from kfs.fs.area import Area, Attr, AttrChanges, Ctx, Handle, SnapshotSink, SnapshotSource, fs_error
+from kfs.store import StoreDir
+from kfs.vault import keyfile
+from kfs.vault.contentenc import (
+    HEADER_SIZE,
+    KEY_FILE,
+    FormatError,
+    Header,
+    encrypt_bytes,
+    plain_size,
+    verify_fd,
+)
+from kfs.vault.cryptocore import CryptoCore, IntegrityError
+from kfs.vault.lockstate import LockState
+from kfs.vault.openfile import TMP_PREFIX, ChunkError, ReaderView, WorkingFile
+
+log = logging.getLogger("kfs.vault")
+
+#: names the mount never shows: the key file, working copies, staging dirs
+HIDDEN_PREFIX = ".kfs-"
+HIDDEN_SUFFIX = ".kfs-tmp"
+RESTORE_PREFIX = ".kfs-restore-"
+PLAN_FILE = "plan.json"
+#: every failed unlock answers after this long, however fast PBKDF2 was
+FAILURE_DELAY = 0.5
+#: working copies of files bigger than this are started in a thread
+INLINE_COPY_LIMIT = 1 << 20
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+def hidden(name: str) -> bool:
+    return name.startswith(HIDDEN_PREFIX) or name.endswith(HIDDEN_SUFFIX)
+
+
+@dataclass
+class VaultHandle(Handle):
+    working: WorkingFile | None = None
+    view: ReaderView | None = None
+
+
+class VaultArea(Area):
+    name = "vault"
+    entry_timeout = 1.0
+    attr_timeout = 1.0
+
+    def __init__(self, bus: Bus, store: StoreDir, config: VaultConfig, opts: Any) -> None:
+        super().__init__(bus)
+        self.store = store
+        self.config = config
+        self.state = LockState(float(config.auto_lock_timeout))
+        self.writers: dict[str, WorkingFile] = {}
+        self._locks: dict[int, trio.Lock] = {}
+        self._ns_lock = trio.Lock()
+        self._chunk_sizes: dict[tuple[int, int, int], int] = {}
+        self._passphrase: bytearray | None = getattr(opts, "passphrase", None)
+        self.is_root = os.geteuid() == 0
+        self.recent_events: deque[dict[str, Any]] = deque(maxlen=32)
+        self._remove_orphans("")
+
+    # ------------------------------------------------------------------ life cycle
+    def _remove_orphans(self, path: str) -> None:
+        """Working copies left by a crash: the committed files beside them are intact."""
+        try:
+            names = self.store.listdir(path)
+        except OSError:
+            return
+        for name in names:
+            rel = f"{path}/{name}" if path else name
+            if name.startswith(RESTORE_PREFIX):  # a restore interrupted by a crash
+                try:
+                    plan = json.loads(self.store.read_bytes(f"{rel}/{PLAN_FILE}"))
+                except (OSError, ValueError):
+                    self._discard_stage(rel)  # died while staging: the old state stands
+                else:
+                    self._apply_plan(rel, plan)  # died while swapping: finish it
+                    self.count("restores_rolled_forward")
+            elif name.startswith(TMP_PREFIX) or name.endswith(HIDDEN_SUFFIX):
+                try:
+                    self.store.unlink(rel)
+                    self.count("orphans_removed")
+                except OSError:
+                    pass
+            elif not hidden(name) and self.store.exists(rel) and stat.S_ISDIR(self.store.stat(rel).st_mode):
+                self._remove_orphans(rel)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        passphrase, self._passphrase = self._passphrase, None
+        if passphrase is not None:
+            try:
+                await self._unlock(passphrase, "mount")
+            except ControlError as e:
+                log.warning("vault stays locked: %s", e)
+            finally:
+                passphrase[:] = bytes(len(passphrase))
+        nursery.start_soon(self._idle_watch)
+
+    async def stop(self) -> None:
+        await self._commit_all()
+        if self.state.lock():
+            self._publish("vault_locked", {"reason": "unmount"}, "vault")
+
+    async def _idle_watch(self) -> None:
+        while True:
+            timeout = self.state.auto_lock_timeout
+            await trio.sleep(min(1.0, timeout / 4) if timeout > 0 else 1.0)
+            if self.state.should_auto_lock():
+                self.state.lock()
+                self.count("auto_locks")
+                log.info("vault auto-locked after %.0fs idle", timeout)
+                self._publish("vault_locked", {"reason": "idle", "idle_s": timeout}, "vault")
+
+    def status(self) -> dict[str, Any]:
+        has_key = self.store.exists(KEY_FILE)
+        state = "unlocked" if self.state.unlocked else ("locked" if has_key else "no key")
+        out: dict[str, Any] = {
+            "state": state,
+            "counters": dict(self.counters),
+            "unlock_failures": self.state.unlock_failures,
+            "open_files": self.state.open_files,
+            "auto_lock_timeout_s": self.state.auto_lock_timeout,
+            "key_mlocked": self.state.mlocked if self.state.unlocked else None,
+        }
+        if not has_key:
+            out["message"] = "no vault key: run `kfs vault init`"
+        elif self.state.unlocked:
+            out["message"] = f"key in memory, mlock {'held' if self.state.mlocked else 'FAILED'}"
+            out["idle_s"] = round(self.state.idle_for(), 1)
+        else:
+            out["message"] = "locked: run `kfs vault unlock`"
+        out["recent_events"] = list(self.recent_events)
+        if self.state.unlock_failures:
+            out["message"] += f"; {self.state.unlock_failures} failed unlock(s)"
+        return out
+
+    def _publish(self, topic: str, data: dict[str, Any], source: str = "vault") -> None:
+        # also kept for `kfs vault status` (an audit trail that needs no stream)
+        self.recent_events.append({"topic": topic, "time": round(time.time(), 3), **data})
+        self.bus.publish(topic, data, source)
+
+    # ------------------------------------------------------------------ keys
+    def _core(self) -> CryptoCore:
+        core = self.state.core
+        if core is None:
+            raise fs_error(errno.EACCES, "vault is locked")
+        return core
+
+    async def _failed(self, started: float, reason: str) -> None:
+        self.state.unlock_failures += 1
+        self.count("unlock_failures")
+        self._publish("vault_unlock_failed", {"failures": self.state.unlock_failures, "reason": reason}, "vault")
+        await trio.sleep(max(0.0, FAILURE_DELAY - (time.monotonic() - started)))
+
+    async def _unlock(self, passphrase: bytes | bytearray, how: str) -> None:
+        started = time.monotonic()
+        try:
+            kf = keyfile.load(self.store)
+        except keyfile.KeyFileError as e:
+            raise ControlError(str(e)) from None
+        if kf is None:
+            raise ControlError("no vault key in this store: run `kfs vault init`")
+        try:
+            master = await trio.to_thread.run_sync(kf.unwrap, bytes(passphrase))
+        except keyfile.WrongPassphrase:
+            await self._failed(started, "wrong passphrase")
+            raise ControlError("wrong vault passphrase") from None
+        self.state.unlock(master)
+        self.count("unlocks")
+        self._publish("vault_unlocked", {"how": how, "mlocked": self.state.mlocked}, "vault")
+
+    def _integrity(self, path: str, error: Exception) -> OSError:
+        self.count("integrity_errors")
+        chunk = error.index if isinstance(error, ChunkError) else None
+        log.warning("vault integrity error in %s: %s", path, error)
+        self._publish("vault_integrity_error", {"file": path, "chunk": chunk, "error": str(error)}, "vault")
+        return fs_error(errno.EIO, f"{path}: {error}")
+
+    # ------------------------------------------------------------------ control (kfs vault ...)
+    async def control(self, command: str, args: dict[str, Any]) -> Any:
+        if command == "status":
+            return self.status()
+        if command == "unlock":
+            passphrase = str(args.get("passphrase", "")).encode()
+            if self.state.unlocked:
+                return {"state": "unlocked", "already": True}
+            await self._unlock(passphrase, "cli")
+            return {"state": "unlocked", "mlocked": self.state.mlocked}
+        if command == "lock":
+            await self._commit_all()
+            if self.state.lock():
+                self.count("locks")
+                self._publish("vault_locked", {"reason": "cli"}, "vault")
+            return {"state": "locked"}
+        if command == "init":
+            if self.store.exists(KEY_FILE):
+                raise ControlError("this vault already has a key (use `kfs vault passwd` to change the passphrase)")
+            passphrase = str(args.get("passphrase", "")).encode()
+            if not passphrase:
+                raise ControlError("empty passphrase refused")
+            iterations = int(args.get("iterations") or self.config.kdf_iterations)
+            kf, master = await trio.to_thread.run_sync(keyfile.KeyFile.create, passphrase, iterations)
+            await trio.to_thread.run_sync(keyfile.save, self.store, kf)
+            self.state.unlock(master)
+            self._publish("vault_unlocked", {"how": "init", "mlocked": self.state.mlocked}, "vault")
+            return {"state": "unlocked", "created": True}
+        if command == "passwd":
+            started = time.monotonic()
+            old = str(args.get("old", "")).encode()
+            new = str(args.get("new", "")).encode()
+            if not new:
+                raise ControlError("empty passphrase refused")
+            kf = keyfile.load(self.store)
+            if kf is None:
+                raise ControlError("no vault key in this store: run `kfs vault init`")
+            iterations = int(args.get("iterations") or self.config.kdf_iterations)
+            try:
+                new_kf = await trio.to_thread.run_sync(kf.rewrap, old, new, iterations)
+            except keyfile.WrongPassphrase:
+                await self._failed(started, "wrong passphrase (passwd)")
+                raise ControlError("wrong vault passphrase") from None
+            await trio.to_thread.run_sync(keyfile.save, self.store, new_kf)
+            self.count("passwd")
+            return {"rewrapped": True}
+        if command == "verify":
+            core = self.state.core
+            if core is None:
+                raise ControlError("the vault is locked: unlock it first (or verify offline with --store)")
+            await self._commit_all()
+            checked, damaged = await trio.to_thread.run_sync(verify_store, self.store, core)
+            for item in damaged:
+                self._integrity(item["file"], IntegrityError(item["error"]))
+            return {"checked": checked, "damaged": damaged}
+        raise fs_error(errno.ENOSYS, f"vault has no command {command!r}")
+
+    # ------------------------------------------------------------------ metadata
+    def _check(self, path: str) -> None:
+        if path and any(hidden(part) for part in path.split("/")):
+            raise fs_error(errno.ENOENT)
+
+    def _plain_size(self, path: str, st: os.stat_result) -> int:
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        chunk_size = self._chunk_sizes.get(key)
+        if chunk_size is None:
+            try:
+                with self.store.opened(path, os.O_RDONLY) as fd:
+                    chunk_size = Header.decode(os.pread(fd, HEADER_SIZE, 0)).chunk_size
+            except (FormatError, OSError):
+                return 0
+            if len(self._chunk_sizes) > 4096:
+                self._chunk_sizes.clear()
+            self._chunk_sizes[key] = chunk_size
+        return plain_size(st.st_size, chunk_size)
+
+    def _attr(self, path: str, st: os.stat_result) -> Attr:
+        attr = Attr.from_stat(st)
+        if stat.S_ISREG(st.st_mode):
+            writer = self.writers.get(path)
+            attr.size = writer.size if writer is not None else self._plain_size(path, st)
+            attr.nlink = 1
+        return attr
+
+    async def getattr(self, path: str) -> Attr:
+        self._check(path)
+        return self._attr(path, self.store.stat(path))
+
+    async def readdir(self, path: str) -> list[tuple[str, Attr]]:
+        self._check(path)
+        out = []
+        for name in self.store.listdir(path):
+            if hidden(name):
+                continue
+            rel = f"{path}/{name}" if path else name
+            try:
+                out.append((name, self._attr(rel, self.store.stat(rel))))
+            except FileNotFoundError:
+                continue
+        return out
+
+    async def setattr(self, path: str, changes: AttrChanges, handle: Handle | None, ctx: Ctx) -> Attr:
+        self._check(path)
+        st = self.store.stat(path)
+        if changes.size is not None:
+            if stat.S_ISDIR(st.st_mode):
+                raise fs_error(errno.EISDIR)
+            await self._truncate(path, changes.size, handle)
+        if changes.mode is not None:
+            self.store.chmod(path, changes.mode)
+        if changes.uid is not None or changes.gid is not None:
+            uid = -1 if changes.uid is None else changes.uid
+            gid = -1 if changes.gid is None else changes.gid
+            self.store.chown(path, uid, gid)
+        if changes.atime_ns is not None or changes.mtime_ns is not None:
+            st = self.store.stat(path)
+            times = (st.st_atime_ns if changes.atime_ns is None else changes.atime_ns,
+                     st.st_mtime_ns if changes.mtime_ns is None else changes.mtime_ns)
+            self.store.utime(path, *times)
+            writer = self.writers.get(path)
+            if writer is not None and writer.is_dirty:
+                writer.pending_times = times
+        return await self.getattr(path)
+
+    async def _truncate(self, path: str, size: int, handle: Handle | None) -> None:
+        self._core()
+        self.state.touch()
+        own = isinstance(handle, VaultHandle) and handle.working is not None
+        writer = handle.working if own else self.writers.get(path)  # type: ignore[union-attr]
+        temporary = writer is None
+        if writer is None:
+            writer = self._open_writer(path)
+        assert writer is not None
+        try:
+            async with self._lock_of(writer):
+                await self._ensure_copy(writer, truncate_all=size == 0)
+                writer.truncate(size)
+            if not own:  # truncate(2) by path takes effect now, not at someone else's close
+                await self._commit(writer)
+        finally:
+            if temporary:
+                self._drop_writer(writer)
+
+    # ------------------------------------------------------------------ writers
+    def _lock_of(self, writer: WorkingFile) -> trio.Lock:
+        lock = self._locks.get(id(writer))
+        if lock is None:
+            lock = self._locks[id(writer)] = trio.Lock()
+        return lock
+
+    def _open_writer(self, path: str) -> WorkingFile:
+        writer = self.writers.get(path)
+        if writer is None:
+            try:
+                writer = WorkingFile(self.store, path, self._core, self.config.chunk_size)
+            except (FormatError, ChunkError) as e:
+                raise self._integrity(path, e) from None
+            self.writers[path] = writer
+        writer.refs += 1
+        return writer
+
+    def _drop_writer(self, writer: WorkingFile) -> None:
+        writer.refs -= 1
+        if writer.refs > 0:
+            return
+        if self.writers.get(writer.path) is writer:
+            del self.writers[writer.path]
+        self._locks.pop(id(writer), None)
+        writer.close()
+
+    async def _ensure_copy(self, writer: WorkingFile, truncate_all: bool = False) -> None:
+        if writer.is_dirty and not truncate_all:
+            return
+        if truncate_all or os.fstat(writer.fd).st_size <= INLINE_COPY_LIMIT:
+            writer.ensure_working_copy(truncate_all)
+        else:
+            await trio.to_thread.run_sync(writer.ensure_working_copy, truncate_all)
+
+    async def _commit(self, writer: WorkingFile) -> None:
+        if not writer.is_dirty:
+            return
+        async with self._lock_of(writer):
+            try:
+                # the slow part (sealing, fsync) holds only this file; the rename holds the namespace
+                changed = await trio.to_thread.run_sync(writer.prepare)
+                if changed:
+                    async with self._ns_lock:
+                        await trio.to_thread.run_sync(writer.publish)
+            except (ChunkError, IntegrityError) as e:
+                raise self._integrity(writer.path, e) from None
+        if changed:
+            self.count("commits")
+            if self.kernel is not None and not writer.detached:
+                self.kernel.invalidate(self.name, writer.path)
+
+    async def _commit_all(self) -> None:
+        for writer in list(self.writers.values()):
+            try:
+                await self._commit(writer)
+            except OSError as e:
+                log.error("vault: could not commit %s: %s", writer.path, e)
+
+    # ------------------------------------------------------------------ files
+    async def open(self, path: str, flags: int, ctx: Ctx) -> Handle:
+        self._check(path)
+        self._core()
+        self.state.touch()
+        if stat.S_ISDIR(self.store.stat(path).st_mode):
+            raise fs_error(errno.EISDIR)
+        handle = VaultHandle(path, flags)
+        if handle.writable:
+            handle.working = self._open_writer(path)
+            if flags & os.O_TRUNC:
+                try:
+                    async with self._lock_of(handle.working):
+                        await self._ensure_copy(handle.working, truncate_all=True)
+                except BaseException:
+                    self._drop_writer(handle.working)
+                    raise
+        else:
+            fd = self.store.open_fd(path, os.O_RDONLY)
+            try:
+                handle.view = ReaderView(fd, self._core)
+            except FormatError as e:
+                raise self._integrity(path, e) from None
+            handle.keep_cache = path not in self.writers
+        self.state.open_files += 1
+        return handle
+
+    async def create(self, path: str, mode: int, flags: int, ctx: Ctx) -> Handle:
+        parent, _, name = path.rpartition("/")
+        if hidden(name):
+            raise fs_error(errno.EPERM, "names starting with .kfs- are reserved")
+        self._check(parent)
+        core = self._core()
+        self.state.touch()
+        if self.store.exists(path):
+            if flags & os.O_EXCL:
+                raise fs_error(errno.EEXIST)
+            return await self.open(path, flags, ctx)
+        blob = encrypt_bytes(core, b"", self.config.chunk_size)
+        # new secrets are private to their owner whatever the umask says
+        perm = (mode & 0o700) or 0o600
+        temp = f"{parent + '/' if parent else ''}{TMP_PREFIX}new-{os.urandom(6).hex()}"
+        with self.store.opened(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, perm) as fd:
+            os.write(fd, blob)
+            os.fchmod(fd, perm)
+            if self.is_root:
+                os.fchown(fd, ctx.uid, ctx.gid)
+        try:
+            os.link(temp, path, src_dir_fd=self.store.fd, dst_dir_fd=self.store.fd)
+        finally:
+            self.store.unlink(temp)
+        self.count("files_created")
+        return await self.open(path, flags & ~os.O_TRUNC, ctx)
+
+    async def read(self, handle: Handle, offset: int, size: int) -> bytes:
+        assert isinstance(handle, VaultHandle)
+        self.state.touch()
+        try:
+            if handle.view is not None:
+                return handle.view.read(offset, size)
+            assert handle.working is not None
+            # a commit may be sealing this file in a worker thread: wait for it
+            async with self._lock_of(handle.working):
+                return handle.working.read(offset, size)
+        except ChunkError as e:
+            raise self._integrity(handle.path, e) from None
+
+    async def write(self, handle: Handle, offset: int, data: bytes) -> int:
+        assert isinstance(handle, VaultHandle)
+        writer = handle.working
+        if writer is None:
+            raise fs_error(errno.EBADF)
+        self._core()
+        self.state.touch()
+        async with self._lock_of(writer):
+            try:
+                await self._ensure_copy(writer)
+                if handle.append:
+                    offset = writer.size
+                return writer.write(offset, data)
+            except ChunkError as e:
+                raise self._integrity(handle.path, e) from None
+
+    async def flush(self, handle: Handle) -> None:
+        assert isinstance(handle, VaultHandle)
+        if handle.working is not None:
+            await self._commit(handle.working)
+
+    async def fsync(self, handle: Handle, datasync: bool) -> None:
+        await self.flush(handle)
+
+    async def release(self, handle: Handle) -> None:
+        assert isinstance(handle, VaultHandle)
+        self.state.open_files = max(0, self.state.open_files - 1)
+        self.state.touch()
+        if handle.view is not None:
+            handle.view.close()
+            handle.view = None
+        if handle.working is not None:
+            writer, handle.working = handle.working, None
+            try:
+                if self.state.unlocked:
+                    await self._commit(writer)
+            finally:
+                self._drop_writer(writer)
+
+    # ------------------------------------------------------------------ namespace
+    async def mkdir(self, path: str, mode: int, ctx: Ctx) -> Attr:
+        parent, _, name = path.rpartition("/")
+        if hidden(name):
+            raise fs_error(errno.EPERM, "names starting with .kfs- are reserved")
+        self._check(parent)
+        self.store.mkdir(path, mode)
+        if self.is_root:
+            self.store.chown(path, ctx.uid, ctx.gid)
+        return await self.getattr(path)
+
+    async def rmdir(self, path: str) -> None:
+        self._check(path)
+        async with self._ns_lock:
+            self.store.rmdir(path)
+
+    async def unlink(self, path: str) -> None:
+        self._check(path)
+        async with self._ns_lock:
+            self.store.unlink(path)
+            writer = self.writers.pop(path, None)
+            if writer is not None:
+                writer.detached = True
+
+    async def rename(self, old: str, new: str, flags: int) -> None:
+        self._check(old)
+        parent, _, name = new.rpartition("/")
+        if hidden(name):
+            raise fs_error(errno.EPERM, "names starting with .kfs- are reserved")
+        self._check(parent)
+        if flags & RENAME_EXCHANGE:
+            raise fs_error(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        async with self._ns_lock:
+            if flags & RENAME_NOREPLACE and self.store.exists(new):
+                raise fs_error(errno.EEXIST)
+            self.store.rename(old, new)
+            replaced = self.writers.pop(new, None)
+            if replaced is not None:
+                replaced.detached = True
+            prefix = old + "/"
+            for path, writer in list(self.writers.items()):
+                if path == old or path.startswith(prefix):
+                    del self.writers[path]
+                    writer.path = new + path[len(old):]
+                    self.writers[writer.path] = writer
+                if writer.temp_name is not None and writer.temp_name.startswith(prefix):
+                    # its working copy moved with the directory
+                    writer.temp_name = new + writer.temp_name[len(old):]
+
+    # ------------------------------------------------------------------ snapshots
+    async def export_state(self, sink: SnapshotSink, scope: dict[str, Any]) -> None:
+        """Ciphertext files and the key file only: plaintext never leaves the vault."""
+        if scope.get("type", "full") != "full":
+            return
+        await self._commit_all()
+        async with self._ns_lock:
+            files = await trio.to_thread.run_sync(self._ciphertext_files, True)
+            lengths = {path: self.store.stat(path).st_size for path in files}
+        for path in files:
+            await trio.to_thread.run_sync(
+                lambda p=path: sink.add_store_file(p, self.store, p, lengths[p], compress=False))
+
+    def _ciphertext_files(self, with_key: bool) -> list[str]:
+        out = [p for p in self.store.walk_files() if not any(hidden(part) for part in p.split("/"))]
+        if with_key and self.store.exists(KEY_FILE):
+            out.append(KEY_FILE)
+        return out
+
+    async def restore_state(self, source: SnapshotSource) -> list[str]:
+        """Replace the vault's files with the snapshot's, each swapped in by rename."""
+        names = [n for n in source.names() if n == KEY_FILE or not any(hidden(p) for p in n.split("/"))]
+        if not names:
+            return []
+        await self._commit_all()
+        async with self._ns_lock:
+            changed = await trio.to_thread.run_sync(self._restore_files, source, names)
+        self._chunk_sizes.clear()
+        if KEY_FILE in names and self.state.lock():
+            # the snapshot's key may differ: ask for the passphrase again
+            self._publish("vault_locked", {"reason": "restore"}, "vault")
+        return changed
+
+    def _restore_files(self, source: SnapshotSource, names: list[str]) -> list[str]:
+        """Stage every file, write a plan, then swap by rename (rolled forward after a crash)."""
+        stage = f"{RESTORE_PREFIX}{os.urandom(6).hex()}"
+        self.store.mkdir(stage, 0o700)
+        try:
+            moves = []
+            for i, name in enumerate(names):
+                source.copy_to(name, self.store, f"{stage}/{i}")
+                moves.append([str(i), name])
+            wanted = set(names)
+            plan = {"moves": moves, "delete": [p for p in self._ciphertext_files(False) if p not in wanted]}
+            # the plan is the commit point: without it the stage is discarded, with it replayed
+            self.store.write_atomic(f"{stage}/{PLAN_FILE}", json.dumps(plan).encode())
+        except BaseException:
+            self._discard_stage(stage)
+            raise
+        self._apply_plan(stage, plan)
+        return [p for _, p in moves if p != KEY_FILE] + plan["delete"]
+
+    def _apply_plan(self, stage: str, plan: dict[str, Any]) -> None:
+        for staged, target in plan["moves"]:
+            parent = target.rpartition("/")[0]
+            if parent:
+                self._makedirs(parent)
+            try:
+                self.store.rename(f"{stage}/{staged}", target)
+            except FileNotFoundError:
+                pass  # moved before a crash
+        for path in plan["delete"]:
+            try:
+                self.store.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.store.fsync_dir("")
+        self._discard_stage(stage)
+
+    def _discard_stage(self, stage: str) -> None:
+        for leftover in self.store.listdir(stage):
+            self.store.unlink(f"{stage}/{leftover}")
+        self.store.rmdir(stage)
+
+    def _makedirs(self, path: str) -> None:
+        so_far = ""
+        for part in path.split("/"):
+            so_far = f"{so_far}/{part}" if so_far else part
+            if not self.store.exists(so_far):
+                self.store.mkdir(so_far, 0o700)
+
+
+def verify_store(store: StoreDir, core: CryptoCore) -> tuple[int, list[dict[str, str]]]:
+    """Authenticate every chunk of every vault file (blocking)."""
+    checked = 0
+    damaged: list[dict[str, str]] = []
+    for path in store.walk_files():
+        if any(hidden(part) for part in path.split("/")):
+            continue
+        checked += 1
+        try:
+            with store.opened(path, os.O_RDONLY) as fd:
+                verify_fd(core, fd)
+        except (IntegrityError, FormatError) as e:
+            damaged.append({"file": path, "error": str(e)})
+        except OSError as e:
+            damaged.append({"file": path, "error": e.strerror or str(e)})
+    return checked, damaged

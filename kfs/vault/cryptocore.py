@@ -1,0 +1,55 @@
+"""AES-256-GCM sealing, the only place that touches the cipher (like gocryptfs's cryptocore).
+
+A sealed blob is ``nonce (12 bytes) ‖ ciphertext ‖ tag (16 bytes)``: every seal
+draws a fresh random 96-bit nonce, so re-sealing a chunk never reuses one.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+OVERHEAD = NONCE_SIZE + TAG_SIZE
+
+
+class IntegrityError(Exception):
+    """A blob failed authentication: tampered, torn, misplaced or sealed with another key."""
+
+
+class CryptoCore:
+    """Seals and opens blobs with one 256-bit key."""
+
+    def __init__(self, key: bytes | bytearray) -> None:
+        if len(key) != KEY_SIZE:
+            raise ValueError("AES-256-GCM needs a 32-byte key")
+        # cryptography keeps its own copy inside the AESGCM object; dropping the
+        # object (lock) is all we can do for that copy.  Ours is the caller's bytearray.
+        self._aead: AESGCM | None = AESGCM(bytes(key))
+
+    def seal(self, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
+        nonce, sealed = self.seal_parts(plaintext, aad)
+        return nonce + sealed
+
+    def seal_parts(self, plaintext: bytes | bytearray | memoryview, aad: bytes) -> tuple[bytes, bytes]:
+        """(nonce, ciphertext ‖ tag): written with one pwritev, no concatenation copy."""
+        assert self._aead is not None, "key wiped"
+        nonce = os.urandom(NONCE_SIZE)
+        return nonce, self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, blob: bytes | memoryview, aad: bytes) -> bytes:
+        assert self._aead is not None, "key wiped"
+        if len(blob) < OVERHEAD:
+            raise IntegrityError("blob shorter than nonce + tag")
+        try:
+            view = memoryview(blob)
+            return self._aead.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)
+        except InvalidTag:
+            raise IntegrityError("authentication failed") from None
+
+    def wipe(self) -> None:
+        self._aead = None

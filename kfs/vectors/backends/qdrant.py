@@ -1,0 +1,184 @@
+"""Qdrant, embedded: qdrant-edge-py (Qdrant's own engine in-process), one shard per collection.
+
+Shards live in the store's ``vectors/.qdrant/<collection>/``.  A shard needs its
+dimension when it is created, so a collection made by ``mkdir`` gets its shard
+at the first upsert.  Payload = the record's metadata, plus ``_kfs_doc`` for the
+text; scores are turned into Chroma's distances (1-cos, squared L2, 1-dot) so
+that ranking with the queued records is the same whatever the backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from kfs.vectors.backends.base import Backend, BackendError, StoredRecord
+from kfs.vectors.schema import RESERVED_PREFIX
+
+DOC_KEY = RESERVED_PREFIX + "_doc"
+NORM_KEY = RESERVED_PREFIX + "_norm"  # Qdrant normalises cosine vectors: keep the length to export them as given
+
+
+class QdrantEdgeBackend(Backend):
+    name = "qdrant"
+    label = "qdrant (embedded, qdrant-edge)"
+
+    def __init__(self, config: Any, store_path: str) -> None:
+        self.path = store_path
+        self._shards: dict[str, Any] = {}
+        self._distance: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._q: Any = None
+
+    def connect(self) -> None:
+        with self._lock:
+            if self._q is None:
+                try:
+                    import qdrant_edge
+                except ImportError as e:
+                    raise BackendError(f"qdrant: qdrant-edge-py is not installed ({e})") from None
+                self._q = qdrant_edge
+
+    def _dir(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def _shard(self, name: str) -> Any:
+        """The open shard, loading it from disk; None if it has no data yet."""
+        shard = self._shards.get(name)
+        if shard is None and os.path.isdir(self._dir(name)) and os.listdir(self._dir(name)):
+            shard = self._q.EdgeShard.load(self._dir(name))
+            self._shards[name] = shard
+        return shard
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        self.connect()
+        with self._lock:
+            try:
+                return fn(*args)
+            except BackendError:
+                raise
+            except Exception as e:
+                raise BackendError(f"qdrant: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            for shard in self._shards.values():
+                try:
+                    shard.flush()
+                    shard.close()
+                except Exception:
+                    pass
+            self._shards.clear()
+
+    def list_collections(self) -> list[str]:
+        if not os.path.isdir(self.path):
+            return []
+        return sorted(n for n in os.listdir(self.path) if not n.startswith(".") and os.path.isdir(self._dir(n)))
+
+    def _metric(self, distance: str) -> Any:
+        d = self._q.Distance
+        return {"cosine": d.Cosine, "l2": d.Euclid, "ip": d.Dot}[distance]
+
+    def ensure_collection(self, name: str, distance: str, dimension: int | None) -> None:
+        def run() -> None:
+            self._distance[name] = distance
+            os.makedirs(self._dir(name), exist_ok=True)
+            if dimension is not None and self._shard(name) is None:
+                self._create(name, dimension)
+
+        self._call(run)
+
+    def _create(self, name: str, dimension: int) -> Any:
+        q = self._q
+        config = q.EdgeConfig(vectors=q.EdgeVectorParams(size=dimension, distance=self._metric(
+            self._distance.get(name, "cosine"))))
+        shard = q.EdgeShard.create(self._dir(name), config)
+        self._shards[name] = shard
+        return shard
+
+    def drop_collection(self, name: str) -> None:
+        def run() -> None:
+            shard = self._shards.pop(name, None)
+            if shard is not None:
+                shard.close()
+            shutil.rmtree(self._dir(name), ignore_errors=True)
+
+        self._call(run)
+
+    def upsert(self, name: str, ids: Sequence[str], embeddings: Sequence[Sequence[float]],
+               metadatas: Sequence[dict[str, Any]], documents: Sequence[str | None]) -> None:
+        def run() -> None:
+            q = self._q
+            shard = self._shard(name) or self._create(name, len(embeddings[0]))
+            cosine = self._distance.get(name, "cosine") == "cosine"
+            points = []
+            for i, record_id in enumerate(ids):
+                payload = dict(metadatas[i])
+                if documents[i] is not None:
+                    payload[DOC_KEY] = documents[i]
+                vector = [float(x) for x in embeddings[i]]
+                if cosine:
+                    payload[NORM_KEY] = math.sqrt(sum(x * x for x in vector))
+                points.append(q.Point(record_id, vector, payload))
+            shard.update(q.UpdateOperation.upsert_points(points))
+
+        self._call(run)
+
+    def delete(self, name: str, ids: Sequence[str]) -> None:
+        def run() -> None:
+            shard = self._shard(name)
+            if shard is not None:
+                shard.update(self._q.UpdateOperation.delete_points(list(ids)))
+
+        self._call(run)
+
+    def count(self, name: str) -> int:
+        def run() -> int:
+            shard = self._shard(name)
+            return 0 if shard is None else int(shard.count(self._q.CountRequest()))
+
+        return int(self._call(run))
+
+    @staticmethod
+    def _record(point: Any, with_vector: bool) -> StoredRecord:
+        payload = dict(point.payload or {})
+        document = payload.pop(DOC_KEY, None)
+        norm = payload.pop(NORM_KEY, None)
+        vector = point.vector if with_vector else None
+        if vector is not None and norm is not None:
+            vector = [x * norm for x in vector]
+        return StoredRecord(str(point.id), vector, payload, document)
+
+    def page(self, name: str, cursor: Any, limit: int) -> tuple[list[StoredRecord], Any]:
+        def run() -> tuple[list[StoredRecord], Any]:
+            shard = self._shard(name)
+            if shard is None:
+                return [], None
+            points, nxt = shard.scroll(self._q.ScrollRequest(offset=cursor, limit=limit, with_payload=True,
+                                                             with_vector=True))
+            return [self._record(p, True) for p in points], nxt
+
+        return self._call(run)  # type: ignore[no-any-return]
+
+    def query(self, name: str, embedding: Sequence[float], k: int) -> list[StoredRecord]:
+        def run() -> list[StoredRecord]:
+            shard = self._shard(name)
+            if shard is None:
+                return []
+            q = self._q
+            found = shard.query(q.QueryRequest(limit=k, query=q.Query.Nearest([float(x) for x in embedding]),
+                                               with_payload=True))
+            metric = self._distance.get(name, "cosine")
+            out = []
+            for p in found:
+                r = self._record(p, False)
+                score = float(p.score)
+                r.distance = score * score if metric == "l2" else 1.0 - score
+                out.append(r)
+            return out
+
+        return self._call(run)  # type: ignore[no-any-return]

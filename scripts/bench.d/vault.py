@@ -1,0 +1,184 @@
+"""scripts/bench vault: vault/ on kfs beside the store's own disk and gocryptfs, measured in one run.
+
+(a) sequential write of 256 MiB in 1 MiB writes + fsync
+(b) sequential read of it through the daemon (the FUSE file's kernel pages dropped with
+    POSIX_FADV_DONTNEED first; the backing file stays in the page cache; best of 3),
+    and re-read without dropping (kfs keeps the kernel cache for read-only opens)
+(c) 4 KiB reads at random offsets (POSIX_FADV_RANDOM, kernel pages dropped first), a few seconds
+(d) open + read + close of a 200-byte secret, repeated
+
+The vault is measured at several chunk sizes (the shipped default is 64 KiB) to
+justify the default.  gocryptfs is `gocryptfs -init -scryptn 10` over the same disk.
+Not a test: it prints figures and ratios, and fails on nothing slow.
+Usage: scripts/bench vault [--mib N] [--seconds S] [--chunks 4096,32768,65536] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+PASS = "bench passphrase"
+DEFAULT_CHUNK = 65536
+
+
+def seq_write(path: Path, mib: int) -> float:
+    block = os.urandom(1 << 20)
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(mib):
+            os.write(fd, block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return mib / (time.perf_counter() - start)
+
+
+def drop_pages(path: Path) -> None:
+    """Forget the kernel's cached pages of this file (not the backing file's): reads reach the daemon."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def seq_read(path: Path, runs: int, drop: bool) -> float:
+    best = 0.0
+    for _ in range(runs):
+        if drop:
+            drop_pages(path)
+        start = time.perf_counter()
+        total = 0
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                total += len(chunk)
+        finally:
+            os.close(fd)
+        best = max(best, total / (1 << 20) / (time.perf_counter() - start))
+    return best
+
+
+def random_reads(path: Path, seconds: float, drop: bool) -> float:
+    if drop:
+        drop_pages(path)
+    size = os.stat(path).st_size
+    rng = random.Random(1)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    count = 0
+    start = time.perf_counter()
+    try:
+        while (elapsed := time.perf_counter() - start) < seconds:
+            for _ in range(200):
+                os.pread(fd, 4096, rng.randrange(0, size - 4096) & ~4095)
+            count += 200
+    finally:
+        os.close(fd)
+    return count / elapsed
+
+
+def small_secret(directory: Path, seconds: float) -> float:
+    path = directory / "secret.json"
+    path.write_bytes(b'{"openai_api_key":"sk-' + b"x" * 170 + b'"}\n')
+    count = 0
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for _ in range(50):
+            fd = os.open(path, os.O_RDONLY)
+            os.read(fd, 4096)
+            os.close(fd)
+        count += 50
+    return count / elapsed
+
+
+def run_all(directory: Path, mib: int, seconds: float, fuse: bool = True) -> dict[str, float]:
+    big = directory / "bench.bin"
+    out = {"write": seq_write(big, mib), "read": seq_read(big, 3, drop=fuse), "reread": seq_read(big, 3, False),
+           "rand": random_reads(big, seconds, drop=fuse), "small": small_secret(directory, seconds)}
+    big.unlink()
+    return out
+
+
+def kfs_mount(root: Path, chunk_size: int) -> Path:
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "streams.yaml").write_text("websocket:\n  enabled: false\n")
+    (root / "config" / "vault_config.yaml").write_text(f"chunk_size: {chunk_size}\nauto_lock_timeout: 0\n")
+    env = {**os.environ, "KFS_VAULT_PASSPHRASE": PASS}
+    subprocess.run([sys.executable, "-m", "kfs", "mount", str(root / "mnt"), "--store", str(root / "store"),
+                    "--config", str(root / "config")], check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    return root / "mnt"
+
+
+def kfs_umount(mnt: Path) -> None:
+    subprocess.run([sys.executable, "-m", "kfs", "umount", str(mnt)], check=False, cwd=REPO)
+
+
+def gocryptfs_mount(root: Path) -> Path | None:
+    if not shutil.which("gocryptfs"):
+        return None
+    cipher, plain = root / "cipher", root / "plain"
+    cipher.mkdir(parents=True)
+    plain.mkdir()
+    extpass = ["-extpass", f"echo {PASS}"]
+    subprocess.run(["gocryptfs", "-q", "-init", "-scryptn", "10", *extpass, str(cipher)], check=True)
+    subprocess.run(["gocryptfs", "-q", *extpass, str(cipher), str(plain)], check=True)
+    return plain
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--chunks", default="4096,32768,65536", help="vault chunk sizes to measure (bytes, a,b,c)")
+    parser.add_argument("--dir", default=None, help="where to put stores (default: a temp dir)")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="kfs-bench-vault-", dir=args.dir))
+    results: dict[str, dict[str, float]] = {}
+    cleanups: list[Callable[[], None]] = []
+    try:
+        disk = base / "disk"
+        disk.mkdir()
+        results["disk"] = run_all(disk, args.mib, args.seconds, fuse=False)
+        go = gocryptfs_mount(base / "gocryptfs")
+        if go is not None:
+            cleanups.append(lambda: subprocess.run(["fusermount3", "-u", str(go)], check=False))
+            results["gocryptfs"] = run_all(go, args.mib, args.seconds)
+        for chunk in [int(c) for c in args.chunks.split(",")]:
+            mnt = kfs_mount(base / f"kfs{chunk}", chunk)
+            try:  # one daemon at a time: an idle one still has timers
+                results[f"kfs vault {chunk // 1024}K"] = run_all(mnt / "vault", args.mib, args.seconds)
+            finally:
+                kfs_umount(mnt)
+    finally:
+        for cleanup in reversed(cleanups):
+            cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+    rows = [("write", f"seq write {args.mib} MiB + fsync", "MiB/s"), ("read", "seq read, via the daemon", "MiB/s"),
+            ("reread", "seq re-read, kernel cache", "MiB/s"),
+            ("rand", "4 KiB random reads", "/s"), ("small", "open+read+close 200 B", "/s")]
+    names = list(results)
+    default = f"kfs vault {DEFAULT_CHUNK // 1024}K"
+    print(f"{'workload':<30}" + "".join(f"{n:>16}" for n in names) + f"   {default[4:]} / gocryptfs")
+    for key, label, unit in rows:
+        cells = "".join(f"{results[n][key]:>12,.0f} {unit:<3}" for n in names)
+        ratio = ""
+        if "gocryptfs" in results and default in results:
+            ratio = f"   {results[default][key] / results['gocryptfs'][key]:.2f}"
+        print(f"{label:<30}{cells}{ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""scripts/bench vectors: vectors/ on kfs beside direct use of the same Chroma, measured in one run.
+
+(a) upsert of N 384-dim records through records.jsonl (writes of 100 lines), batched and
+    streaming sync, until the queue is drained into Chroma; beside chromadb's own upsert of
+    the same records in batches of 1,000 (PersistentClient on the same disk).
+(b) p50/p99 of a top-10 text search: ``cat search/<text>`` through the mount, beside the
+    same embedder + ``collection.query`` called directly.
+
+Not a test: it prints figures and ratios, and fails on nothing slow.
+Usage: scripts/bench vectors [--records N] [--queries N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+REPO = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(REPO))
+
+from kfs.vectors.embedder import MiniLMEmbedder  # noqa: E402
+
+WORDS = ("agent plan memory user prefers dark mode deploy service friday invoice payment theme cat mat "
+         "release production build test schedule meeting notes lisbon weather model vector search").split()
+
+
+def records(n: int, seed: int = 7) -> list[bytes]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        rec = {"id": f"00000000-0000-4000-8000-{i:012d}", "embedding": [rng.gauss(0, 1) for _ in range(384)],
+               "text": " ".join(rng.choice(WORDS) for _ in range(8)), "metadata": {"context": "doc", "n": i}}
+        out.append(json.dumps(rec).encode() + b"\n")
+    return out
+
+
+def kfs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kfs", *args], capture_output=True, text=True, cwd=REPO, check=True)
+
+
+def status(mnt: Path) -> dict:
+    return json.loads(kfs("status", str(mnt), "--json").stdout)["areas"]["vectors"]
+
+
+def mount(root: Path, mode: str) -> Path:
+    cfg = root / "config"
+    cfg.mkdir(parents=True)
+    (cfg / "vector_config.yaml").write_text(yaml.safe_dump(
+        {"sync_mode": mode, "sync_interval": "1s", "batch_size": 1000}))
+    (cfg / "streams.yaml").write_text(yaml.safe_dump({"websocket": {"enabled": False}}))
+    mnt = root / "mnt"
+    kfs("mount", str(mnt), "--store", str(root / "store"), "--config", str(cfg))
+    return mnt
+
+
+def through_kfs(root: Path, mode: str, lines: list[bytes]) -> tuple[float, float, Path]:
+    mnt = mount(root, mode)
+    col = mnt / "vectors" / "bench"
+    col.mkdir()
+    while status(mnt)["state"] != "ready":
+        time.sleep(0.1)
+    fd = os.open(col / "records.jsonl", os.O_WRONLY | os.O_APPEND)
+    start = time.perf_counter()
+    for i in range(0, len(lines), 100):
+        os.write(fd, b"".join(lines[i:i + 100]))
+    acked = time.perf_counter() - start
+    os.close(fd)
+    while status(mnt)["queue_depth"]:
+        time.sleep(0.02)
+    applied = time.perf_counter() - start
+    if os.environ.get("KFS_BENCH_VERBOSE"):
+        print(mode, status(mnt)["counters"], file=sys.stderr)
+    return len(lines) / acked, len(lines) / applied, mnt
+
+
+def direct_upsert(path: Path, lines: list[bytes]):  # type: ignore[no-untyped-def]
+    import chromadb
+    from chromadb.config import Settings
+
+    client = chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False))
+    col = client.get_or_create_collection("bench", metadata={"hnsw:space": "cosine"}, embedding_function=None)
+    start = time.perf_counter()
+    for i in range(0, len(lines), 1000):
+        recs = [json.loads(x) for x in lines[i:i + 1000]]  # the same parsing work kfs does
+        col.upsert(ids=[r["id"] for r in recs], embeddings=[r["embedding"] for r in recs],
+                   metadatas=[r["metadata"] for r in recs], documents=[r["text"] for r in recs])
+    return len(lines) / (time.perf_counter() - start), col
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))] * 1000
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=10_000)
+    ap.add_argument("--queries", type=int, default=200)
+    args = ap.parse_args()
+    lines = records(args.records)
+    rng = random.Random(9)
+    queries = [" ".join(rng.choice(WORDS) for _ in range(4)) + f" q{i}" for i in range(args.queries)]
+    mounts: list[Path] = []
+    with tempfile.TemporaryDirectory(prefix="kfs-bench-vectors-") as tmp:
+        base = Path(tmp)
+        try:
+            direct_rate, direct_col = direct_upsert(base / "direct", lines)
+            b_ack, b_applied, mnt_b = through_kfs(base / "batched", "batched", lines)
+            mounts.append(mnt_b)
+            s_ack, s_applied, mnt_s = through_kfs(base / "streaming", "streaming", lines)
+            mounts.append(mnt_s)
+
+            embedder = MiniLMEmbedder()
+            embedder.embed(["warm up"])
+            direct_lat, chroma_only, kfs_lat = [], [], []
+            for q in queries:
+                t0 = time.perf_counter()
+                vec = embedder.embed([q])[0]
+                t1 = time.perf_counter()
+                direct_col.query(query_embeddings=[vec], n_results=10, include=["metadatas", "documents", "distances"])
+                t2 = time.perf_counter()
+                direct_lat.append(t2 - t0)
+                chroma_only.append(t2 - t1)
+            search_dir = mnt_b / "vectors" / "bench" / "search"
+            (search_dir / "warm up").read_bytes()
+            for q in queries:
+                t0 = time.perf_counter()
+                with open(search_dir / q, "rb", buffering=0) as f:
+                    while f.read(1 << 16):
+                        pass
+                kfs_lat.append(time.perf_counter() - t0)
+        finally:
+            for m in mounts:
+                subprocess.run([sys.executable, "-m", "kfs", "umount", str(m)], capture_output=True, cwd=REPO)
+
+    n = args.records
+    print(f"vectors: {n:,} x 384-dim records (writes of 100 lines; kfs batch_size 1000), {args.queries} queries")
+    print(f"{'upsert':<44} {'records/s':>10} {'vs direct':>10}")
+    print(f"{'direct chromadb upsert (batches of 1000)':<44} {direct_rate:>10,.0f} {1.0:>10.2f}")
+    for label, ack, applied in (("batched", b_ack, b_applied), ("streaming", s_ack, s_applied)):
+        print(f"{'kfs ' + label + ': acknowledged (fsynced queue)':<44} {ack:>10,.0f} {ack / direct_rate:>10.2f}")
+        print(f"{'kfs ' + label + ': applied to Chroma':<44} {applied:>10,.0f} {applied / direct_rate:>10.2f}")
+    print(f"{'top-10 text search':<44} {'p50 ms':>10} {'p99 ms':>10}")
+    print(f"{'direct: embed + collection.query':<44} {pct(direct_lat, 50):>10.2f} {pct(direct_lat, 99):>10.2f}")
+    print(f"{'  of which collection.query':<44} {pct(chroma_only, 50):>10.2f} {pct(chroma_only, 99):>10.2f}")
+    print(f"{'kfs: cat search/<text>':<44} {pct(kfs_lat, 50):>10.2f} {pct(kfs_lat, 99):>10.2f}")
+    print(f"search p50 difference: {pct(kfs_lat, 50) - pct(direct_lat, 50):+.2f} ms (target: within 2 ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

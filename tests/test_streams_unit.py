@@ -1,0 +1,275 @@
+"""Fast tier: the streams modules without FUSE (segments, broker, reader, ACL)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from kfs.config import RoleConfig
+from kfs.store import StoreDir
+from kfs.streams.acl import TOKENS_FILE, Acl
+from kfs.streams.broker import Broker
+from kfs.streams.reader import StreamHandle, read_stream
+from kfs.streams.segments import SegmentLog
+
+
+def store_at(tmp_path: Path, name: str = "streams") -> StoreDir:
+    return StoreDir.open(str(tmp_path / name))
+
+
+def test_segments_append_read_reload(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    log = SegmentLog.open(store, 1000, 1 << 20)
+    lines = [json.dumps({"i": i}).encode() + b"\n" for i in range(50)]
+    for i, line in enumerate(lines):
+        assert log.append(line) == (i + 1, sum(map(len, lines[:i])))
+    assert log.end_offset == sum(map(len, lines))
+    assert log.line(7) == lines[6]
+    assert log.read(0, 1 << 20)[: len(lines[0])] == lines[0]
+    assert log.seq_at(log.offset_of(10)) == (10, True)
+    log.close()
+    again = SegmentLog.open(store, 1000, 1 << 20)
+    assert (again.first_seq, again.next_seq, again.end_offset) == (1, 51, log.end_offset)
+    assert again.line(50) == lines[49]
+
+
+def test_segments_torn_last_line_is_cut(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    log = SegmentLog.open(store, 1000, 1 << 20)
+    log.append(b'{"a":1}\n')
+    name = log.segments[-1].name
+    log.close()
+    with open(tmp_path / "streams" / name, "ab") as f:
+        f.write(b'{"torn":')
+    again = SegmentLog.open(store, 1000, 1 << 20)
+    assert again.next_seq == 2 and again.end_offset == 8
+    assert (tmp_path / "streams" / name).read_bytes() == b'{"a":1}\n'
+
+
+def test_retention_bounds_events_and_bytes(tmp_path: Path) -> None:
+    log = SegmentLog.open(store_at(tmp_path), 100, 1 << 30)
+    for i in range(1000):
+        log.append(b'{"i":%d}\n' % i)
+    assert 100 * 7 // 8 <= log.retained_events <= 100
+    assert log.next_seq == 1001
+    assert log.line(log.first_seq) == b'{"i":%d}\n' % (log.first_seq - 1)
+    files = os.listdir(tmp_path / "streams")
+    assert len(files) == len(log.segments) <= 9
+
+    by_bytes = SegmentLog.open(store_at(tmp_path, "b"), 10**9, 64 * 1024)
+    for _ in range(2000):
+        by_bytes.append(b"x" * 99 + b"\n")
+    assert by_bytes.retained_bytes <= 64 * 1024
+    assert by_bytes.retained_bytes >= 64 * 1024 * 7 // 8 - 100
+    on_disk = sum(os.path.getsize(tmp_path / "b" / n) for n in os.listdir(tmp_path / "b"))
+    assert on_disk == by_bytes.retained_bytes
+
+
+def test_broker_stamps_and_validates(tmp_path: Path) -> None:
+    broker = Broker(store_at(tmp_path), 1000, 1 << 20, "node-a")
+    assert set(broker.streams) == {"system", "logs", "metrics"}
+    seqs = broker.publish_lines("chat", [b'{"text":"hi","seq":99,"stream":"x"}', b'{"n":2}'])
+    assert seqs == [1, 2]
+    first = json.loads(broker.streams["chat"].log.line(1))
+    assert first["seq"] == 1 and first["stream"] == "chat" and first["text"] == "hi"
+    assert first["timestamp"].endswith("Z")
+    for bad in ([b"[1,2]"], [b'{"ok":1}', b"not json"], [b'"s"']):
+        with pytest.raises(OSError) as e:
+            broker.publish_lines("chat", bad)
+        assert e.value.errno == errno.EINVAL
+    assert broker.streams["chat"].log.next_seq == 3  # all or nothing
+    with pytest.raises(OSError) as e:
+        broker.delete("system")
+    assert e.value.errno == errno.EPERM
+    broker.delete("chat")
+    assert "chat" not in broker.streams and not (tmp_path / "streams" / "chat").exists()
+
+
+def test_broker_since_time(tmp_path: Path) -> None:
+    broker = Broker(store_at(tmp_path), 1000, 1 << 20, "n")
+    for i in range(10):
+        broker.publish("t", {"i": i, "timestamp": f"2026-01-01T00:00:{i:02d}Z"})
+    from kfs.streams.broker import parse_rfc3339
+
+    assert broker.seq_since_time(broker.streams["t"], parse_rfc3339("2026-01-01T00:00:04Z")) == 5
+    assert broker.seq_since_time(broker.streams["t"], parse_rfc3339("2027-01-01T00:00:00Z")) == 11
+
+
+def test_reader_follows_waits_and_gaps(tmp_path: Path) -> None:
+    broker = Broker(store_at(tmp_path), 10_000, 1 << 26, "n")
+    broker.publish("s", {"i": 0})
+
+    async def main() -> None:
+        handle = StreamHandle("s", os.O_RDONLY, stream="s", open_next_seq=2)
+        data = await read_stream(broker, handle, 0, 4096, 0.05, 100)
+        assert json.loads(data)["i"] == 0
+        with pytest.raises(OSError) as e:  # idle: bounded wait, then EINTR
+            await read_stream(broker, handle, len(data), 4096, 0.05, 100)
+        assert e.value.errno == errno.EINTR
+        nonblocking = StreamHandle("s", os.O_RDONLY | os.O_NONBLOCK, stream="s", open_next_seq=2,
+                                   started=True, kernel_next=len(data), real_next=len(data))
+        with pytest.raises(OSError) as e:
+            await read_stream(broker, nonblocking, len(data), 4096, 0.05, 100)
+        assert e.value.errno == errno.EAGAIN
+
+        async def publish_later() -> None:
+            await trio.sleep(0.01)
+            broker.publish("s", {"i": 1})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish_later)
+            more = await read_stream(broker, handle, len(data), 4096, 5, 100)
+        assert json.loads(more)["i"] == 1
+        # Fall 1000 events behind with max lag 100: a gap marker, then recent events.
+        for i in range(1000):
+            broker.publish("s", {"i": i + 2})
+        offset = len(data) + len(more)
+        marker = json.loads(await read_stream(broker, handle, offset, 65536, 0.05, 100))
+        assert marker["gap"] > 900 and marker["from_seq"] == 3
+        offset += len(json.dumps(marker, separators=(",", ":"))) + 1
+        after = await read_stream(broker, handle, offset, 65536, 0.05, 100)
+        assert json.loads(after.split(b"\n")[0])["seq"] == marker["to_seq"] + 1
+
+    trio.run(main)
+
+
+def test_acl_tokens_hashed_and_roles(tmp_path: Path) -> None:
+    roles = {"admin": RoleConfig(["*"], ["*"]), "dashboard": RoleConfig(["metrics", "system"], [])}
+    store = store_at(tmp_path)
+    acl = Acl(store, roles)
+    info, secret = acl.create_token("dashboard")
+    assert secret not in (tmp_path / "streams" / TOKENS_FILE).read_text()
+    again = Acl(store, roles)
+    assert again.authenticate(secret) is not None and again.authenticate(secret).role == "dashboard"
+    assert again.authenticate(secret + "x") is None and again.authenticate(None) is None
+    assert again.may_subscribe("dashboard", "metrics") and not again.may_subscribe("dashboard", "chat")
+    assert not again.may_publish("dashboard", "metrics") and again.may_publish("admin", "chat")
+    with pytest.raises(OSError):
+        again.create_token("nope")
+    again.revoke(info.id)
+    assert Acl(store, roles).authenticate(secret) is None
+
+
+def test_segment_read_then_append_after_reload(tmp_path: Path) -> None:
+    """A read opens the active segment's fd; later appends must still work through it."""
+    store = store_at(tmp_path)
+    log = SegmentLog.open(store, 1000, 1 << 20)
+    log.append(b'{"a":1}\n')
+    log.close()
+    again = SegmentLog.open(store, 1000, 1 << 20)
+    assert again.read(0, 100) == b'{"a":1}\n'
+    assert again.append(b'{"a":2}\n') == (2, 8)
+    assert again.line(2) == b'{"a":2}\n'
+
+
+class DirSink:
+    """A snapshot sink writing into a plain directory (the real one zips)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def add_bytes(self, arcname: str, data: bytes, compress: bool = True) -> None:
+        (self.root / arcname).parent.mkdir(parents=True, exist_ok=True)
+        (self.root / arcname).write_bytes(data)
+
+    def add_store_file(self, arcname: str, store: StoreDir, path: str, length: int | None = None,
+                       compress: bool = True) -> None:
+        data = store.read_bytes(path)
+        self.add_bytes(arcname, data if length is None else data[:length])
+
+
+class DirSource:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def names(self) -> list[str]:
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+
+    def read_bytes(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+    def copy_to(self, name: str, store: StoreDir, path: str) -> None:
+        store.write_atomic(path, self.read_bytes(name))
+
+
+def test_snapshot_export_and_restore(tmp_path: Path) -> None:
+    from kfs.bus import Bus
+    from kfs.config import StreamsConfig
+    from kfs.streams.area import StreamsArea
+
+    config = StreamsConfig()
+    area = StreamsArea(Bus(), store_at(tmp_path), config)
+    for i in range(5):
+        area.broker.publish("chat", {"i": i})
+    snap = tmp_path / "snap"
+    trio.run(area.export_state, DirSink(snap), {"type": "full"})
+    assert any(n.startswith("chat/") for n in DirSource(snap).names())
+    for i in range(5, 9):
+        area.broker.publish("chat", {"i": i})
+    changed = trio.run(area.restore_state, DirSource(snap))
+    assert "chat" in changed
+    chat = area.broker.streams["chat"]
+    assert chat.log.next_seq == 6
+    assert [json.loads(chat.log.line(s))["i"] for s in range(1, 6)] == list(range(5))
+    area.broker.publish("chat", {"i": "after"})
+    assert json.loads(chat.log.line(6))["i"] == "after"
+    assert not [n for n in os.listdir(tmp_path / "streams") if n.startswith((".old-", ".restore-"))]
+
+
+def test_bus_routing(tmp_path: Path) -> None:
+    from kfs.bus import Bus, Event
+    from kfs.config import StreamsConfig
+    from kfs.streams.area import StreamsArea
+
+    bus = Bus()
+    seen: list[Event] = []
+    bus.subscribe(seen.append, ["stream_event"])
+    area = StreamsArea(bus, store_at(tmp_path), StreamsConfig())
+    bus.publish("vault_locked", {"reason": "idle"}, "vault")
+    bus.publish("log_line", {"file": "kai.log.jsonl", "record": {"msg": "hello", "level": "info"}}, "logs")
+    area._drain_inbox()
+    system = json.loads(area.broker.streams["system"].log.line(1))
+    assert (system["event"], system["source"], system["reason"]) == ("vault_locked", "vault", "idle")
+    logged = json.loads(area.broker.streams["logs"].log.line(1))
+    assert (logged["msg"], logged["file"]) == ("hello", "kai.log.jsonl")
+    area.broker.publish("chat", {"event": "code_push"})
+    assert [(e.data["stream"], e.data["record"]["event"]) for e in seen] == [("chat", "code_push")]
+    assert area.broker.streams["system"].log.next_seq == 2  # stream events do not loop into system
+
+
+def test_nats_inbound_dedup_takes_late_redeliveries(tmp_path: Path) -> None:
+    from kfs.config import NatsConfig
+    from kfs.streams.nats_bridge import NatsBridge
+
+    broker = Broker(store_at(tmp_path), 1000, 1 << 20, "me")
+    bridge = NatsBridge(broker, store_at(tmp_path), NatsConfig(url="nats://127.0.0.1:1"), "me")
+    taken = [not bridge._seen_before("other", "chat", seq) for seq in (10, 12, 13, 12, 11, 10, 14)]
+    assert taken == [True, True, True, False, True, False, True]  # 11 arrives late and still gets in
+    assert bridge.inbound_seen["other"]["chat"] == 14
+    messages = [("kfs.streams.chat", json.dumps({"seq": s, "n": s}).encode(), "third") for s in (1, 2, 2)]
+    messages.append(("kfs.streams.chat", b'{"seq":3}', "me"))  # our own echo
+    messages.append(("kfs.streams.system", b'{"seq":1}', "other"))  # built-ins are not appended into
+    bridge._append(messages)
+    chat = broker.streams["chat"].log
+    assert chat.next_seq == 3 and json.loads(chat.line(1))["kfs_origin"] == "third"
+    assert bridge.dropped_echo == 1 and broker.streams["system"].log.next_seq == 1
+
+
+def test_append_many_matches_append(tmp_path: Path) -> None:
+    one = SegmentLog.open(store_at(tmp_path, "one"), 40, 1 << 20)
+    many = SegmentLog.open(store_at(tmp_path, "many"), 40, 1 << 20)
+    lines = [b'{"i":%d}\n' % i for i in range(300)]
+    for line in lines:
+        one.append(line)
+    for base in range(0, 300, 37):
+        many.append_many(lines[base: base + 37])
+    assert (one.first_seq, one.next_seq, one.end_offset) == (many.first_seq, many.next_seq, many.end_offset)
+    assert [one.line(s) for s in range(one.first_seq, 301)] == [many.line(s) for s in range(many.first_seq, 301)]
+    assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "many"))
+    reloaded = SegmentLog.open(store_at(tmp_path, "many"), 40, 1 << 20)
+    assert (reloaded.first_seq, reloaded.next_seq) == (many.first_seq, 301)
