@@ -132,5 +132,17 @@ def an_open_file_still_reads_after_unlink(d: Path) -> None:
 
 
 @check
+def an_unlinked_open_file_still_fstats_after_the_attribute_cache_expires(d: Path) -> None:
+    import time
+
+    (d / "f").write_bytes(b"abc")
+    with open(d / "f", "rb") as f:
+        os.unlink(d / "f")
+        time.sleep(1.2)  # past kfs's 1 s attribute timeout: the kernel asks the daemon again
+        assert os.fstat(f.fileno()).st_size == 3
+        assert f.read() == b"abc"
+
+
+@check
 def long_names_get_enametoolong(d: Path) -> None:
     expect_errno(errno.ENAMETOOLONG, lambda: open(d / ("x" * 256), "wb"))

@@ -395,3 +395,4 @@ def test_mount_on_a_terminal_offers_to_create_the_key(kfs_mount: Callable[..., M
     assert m.status()["areas"]["vault"]["state"] == "unlocked"
     (m.path / "vault" / "s").write_text("typed on a terminal")
     assert (m.path / "vault" / "s").read_text() == "typed on a terminal"
+

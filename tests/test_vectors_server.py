@@ -110,3 +110,60 @@ def test_server_killed_mid_writes_then_restarted(kfs_mount: Callable[..., Mount]
     client = chromadb.HttpClient(host="127.0.0.1", port=chroma_server.port,
                                  settings=Settings(anonymized_telemetry=False))
     assert client.get_collection("remote").count() == 2000
+
+
+def read_until_error(path: Path) -> tuple[bytes, int | None]:
+    """Raw reads (Python retries EINTR itself): the bytes handed out, then the errno that ended it."""
+    got = b""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError as e:
+                return got, e.errno
+            if not chunk:
+                return got, None
+            got += chunk
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow
+def test_reads_while_server_down(kfs_mount: Callable[..., Mount], chroma_server: ChromaServer) -> None:
+    """Server down: records.jsonl hands out the queued records, then EIO (never a silent partial
+    export); search/ is EIO; collection.json and status say the backend is unreachable."""
+    import errno
+
+    config = {"vector_config.yaml": {"mode": "server", "host": "127.0.0.1", "port": chroma_server.port,
+                                     "sync_mode": "streaming"}, **NO_WS}
+    mount = kfs_mount(config=config)
+    col = mount.path / "vectors" / "down"
+    col.mkdir()
+    rng = random.Random(5)
+    applied = [{"id": str(uuid.uuid4()), "embedding": [rng.uniform(-1, 1) for _ in range(8)],
+                "metadata": {"n": i}} for i in range(30)]
+    append(col / "records.jsonl", applied)
+    wait_synced(mount)
+    assert json.loads((col / "collection.json").read_text())["backend_reachable"] is True
+    chroma_server.kill()
+    queued = [{"id": str(uuid.uuid4()), "embedding": [rng.uniform(-1, 1) for _ in range(8)],
+               "metadata": {"n": 100 + i}} for i in range(7)]
+    append(col / "records.jsonl", queued)  # accepted: the queue is local
+
+    data, err = read_until_error(col / "records.jsonl")
+    assert err == errno.EIO
+    assert sorted(json.loads(line)["metadata"]["n"] for line in data.splitlines()) == list(range(100, 107))
+    _, err = read_until_error(col / "search" / json.dumps(queued[0]["embedding"]))
+    assert err == errno.EIO
+    stats = json.loads((col / "collection.json").read_text())
+    assert stats["backend_reachable"] is False and stats["count"] is None and stats["queued_upserts"] == 7
+    assert stats["last_error"]
+    st = mount.status()["areas"]["vectors"]
+    assert st["state"].startswith("backend unavailable") and st["queue_depth"] == 7
+
+    chroma_server.start()
+    wait_synced(mount, timeout=120)
+    assert sorted(r["metadata"]["n"] for r in export(col / "records.jsonl")) == list(range(30)) + list(range(100, 107))
+    stats = json.loads((col / "collection.json").read_text())
+    assert stats["backend_reachable"] is True and stats["count"] == 37

@@ -197,6 +197,12 @@ class MemorySink:
     def add_bytes(self, arcname: str, data: bytes, compress: bool = True) -> None:
         self.files[arcname] = data
 
+    def add_store_file(self, arcname: str, store: StoreDir, path: str, length: int | None = None,
+                       compress: bool = True) -> None:
+        # Read at once, like the real sink opens at once (the caller may unlink right after).
+        with store.opened(path, os.O_RDONLY) as fd:
+            self.files[arcname] = os.pread(fd, length if length is not None else os.fstat(fd).st_size, 0)
+
 
 class MemorySource:
     def __init__(self, files: dict[str, bytes]) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pyfuse3
 
-from kfs.fs.area import fs_error
+from kfs.fs.area import Attr, fs_error
 
 ROOT_INODE: int = pyfuse3.ROOT_INODE
 
@@ -24,6 +24,12 @@ class Node:
     path: str
     lookups: int = 0
     pinned: bool = False
+    #: for an unlinked path still open somewhere: its last attributes (fstat keeps working)
+    unlinked_attr: Attr | None = None
+
+    @property
+    def unlinked(self) -> bool:
+        return self.path.startswith("\0deleted")
 
 
 class InodeTable:
@@ -80,11 +86,14 @@ class InodeTable:
             if self._by_key.get((node.area, node.path)) is node:
                 del self._by_key[(node.area, node.path)]
 
-    def removed(self, area: str, path: str) -> None:
+    def removed(self, area: str, path: str, last_attr: Attr | None = None) -> None:
         """A path was unlinked/rmdir'ed: its number stays valid until forgotten, but unnamed."""
         node = self._by_key.pop((area, path), None)
         if node is not None:
             node.path = f"\0deleted\0{node.inode}"
+            if last_attr is not None:
+                last_attr.nlink = 0
+                node.unlinked_attr = last_attr
 
     def renamed(self, area: str, old: str, new: str) -> None:
         """Move ``old`` and everything below it to ``new``."""

@@ -156,7 +156,7 @@ class KfsOperations(pyfuse3.Operations):
         node = self.inodes.get(inode)
         if node.area == "":
             return None, ""
-        if node.path.startswith("\0deleted"):
+        if node.unlinked:
             raise fs_error(errno.ENOENT)
         return self.areas[node.area], node.path
 
@@ -224,6 +224,10 @@ class KfsOperations(pyfuse3.Operations):
 
     @fuse_handler
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        node = self.inodes.get(inode)
+        if node.unlinked and node.unlinked_attr is not None:
+            # fstat of a file unlinked while open (Python's read() asks for it)
+            return self._entry(inode, node.unlinked_attr, self.areas.get(node.area))
         area, path = self._resolve(inode)
         attr = self.root_attr if area is None else await area.getattr(path)
         return self._entry(inode, attr, area)
@@ -310,8 +314,10 @@ class KfsOperations(pyfuse3.Operations):
         area, path = await self._child(parent_inode, name)
         if path == "":
             raise fs_error(errno.EISDIR)
+        node = self.inodes.find(area.name, path)
+        last_attr = await area.getattr(path) if node is not None and node.lookups > 0 else None
         await area.unlink(path)
-        self.inodes.removed(area.name, path)
+        self.inodes.removed(area.name, path, last_attr)
 
     @fuse_handler
     async def rename(

@@ -41,6 +41,8 @@ from kfs.streams.broker import (
     rfc3339,
     valid_name,
 )
+from kfs.streams.export import export_segments, is_conversation_stream
+from kfs.streams.export import memory_events as stream_memory_events
 from kfs.streams.reader import StreamHandle, read_stream
 
 if TYPE_CHECKING:
@@ -503,13 +505,25 @@ class StreamsArea(Area):
 
     # ------------------------------------------------------------------ snapshots
     async def export_state(self, sink: Any, scope: dict[str, Any]) -> None:
-        # Capture (segment, length) pairs now; the copy runs outside and appends do not matter.
-        plan = []
+        """Retained history per `export.py`: all of it, one agent's events, or the conversation streams."""
+        kind = scope.get("type")
+        agent = scope.get("agent") if kind == "agent" else None
+        conversation = kind == "conversation"
+        window = int(scope.get("memory_window") or 0)
+        memory = scope.get("memory_events") if conversation else None
+        # Capture (segment, length) pairs and the memory window in one go on the loop (no await in
+        # between: both end at the same event); the copy runs outside and later appends do not matter.
+        plan: list[tuple[str, int]] = []
         for name, stream in self.broker.streams.items():
+            if conversation and not is_conversation_stream(name):
+                continue
             for seg in stream.log.segments:
                 plan.append((f"{name}/{seg.name}", seg.size))
-        for arcname, length in plan:
-            await trio.to_thread.run_sync(sink.add_store_file, arcname, self.store, arcname, length)
+            if memory is not None and window > 0:
+                log = stream.log
+                lines = [log.line(seq) for seq in range(max(log.first_seq, log.next_seq - window), log.next_seq)]
+                memory.extend(stream_memory_events(name, lines))
+        await trio.to_thread.run_sync(export_segments, sink, self.store, plan, str(agent) if agent else None)
 
     async def restore_state(self, source: Any) -> list[str]:
         from kfs.streams.segments import SEGMENT_RE

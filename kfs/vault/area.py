@@ -462,7 +462,7 @@ class VaultArea(Area):
         self.state.touch()
         try:
             if handle.view is not None:
-                return handle.view.read(offset, size)
+                return handle.view.read_buffer(offset, size)  # type: ignore[return-value]
             assert handle.working is not None
             # a commit may be sealing this file in a worker thread: wait for it
             async with self._lock_of(handle.working):

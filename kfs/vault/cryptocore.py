@@ -51,5 +51,16 @@ class CryptoCore:
         except InvalidTag:
             raise IntegrityError("authentication failed") from None
 
+    def open_into(self, blob: bytes | memoryview, aad: bytes, out: memoryview) -> None:
+        """`open` decrypting straight into ``out`` (len(blob) - OVERHEAD bytes): no extra copy."""
+        assert self._aead is not None, "key wiped"
+        if len(blob) < OVERHEAD:
+            raise IntegrityError("blob shorter than nonce + tag")
+        try:
+            view = memoryview(blob)
+            self._aead.decrypt_into(view[:NONCE_SIZE], view[NONCE_SIZE:], aad, out)
+        except InvalidTag:
+            raise IntegrityError("authentication failed") from None
+
     def wipe(self) -> None:
         self._aead = None

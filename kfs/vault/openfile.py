@@ -42,6 +42,19 @@ DIRTY_LIMIT = 8 << 20  # plaintext bytes kept in memory per writer before spilli
 CACHE_CHUNKS = 4
 
 
+def _write_runs(fd: int, runs: list[tuple[int, list[bytes]]]) -> None:
+    """pwritev each (offset, buffers) run, finishing short writes (large batches may be cut)."""
+    for offset, iov in runs:
+        while iov:
+            done = os.pwritev(fd, iov, offset)
+            offset += done
+            while iov and done >= len(iov[0]):
+                done -= len(iov[0])
+                iov = iov[1:]
+            if iov and done:
+                iov = [iov[0][done:], *iov[1:]]
+
+
 class ChunkError(Exception):
     """A chunk failed authentication; carries the chunk index for the event."""
 
@@ -61,7 +74,7 @@ class ChunkSource:
         self.fd = fd
         self.header = header
         self._core = core_getter  # callable -> CryptoCore (raises EACCES when locked)
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache: OrderedDict[int, memoryview] = OrderedDict()
 
     def core(self) -> CryptoCore:
         return self._core()  # type: ignore[operator]
@@ -69,11 +82,17 @@ class ChunkSource:
     def forget(self) -> None:
         self._cache.clear()
 
-    def decrypt_range(self, first: int, last: int, lengths: list[int], flags: list[bool]) -> list[bytes]:
-        """Chunks first..last-1 (their plaintext lengths and last flags given), one pread."""
+    def decrypt_range(self, first: int, last: int, lengths: list[int], flags: list[bool]) -> list[memoryview]:
+        """Chunks first..last-1 (their plaintext lengths and last flags given), one pread.
+
+        Chunks decrypted together land side by side in one buffer (views of it are
+        returned), so a caller wanting the whole range can answer with a view of it.
+        """
         found = {i: self._cache[i] for i in range(first, last) if i in self._cache}
         todo = [i for i in range(first, last) if i not in found]
         if todo:
+            plain_buf = memoryview(bytearray(sum(lengths[i - first] for i in todo)))
+            pos = 0
             start = self.header.chunk_offset(todo[0])
             end = self.header.chunk_offset(todo[-1]) + lengths[todo[-1] - first] + OVERHEAD
             blob = memoryview(os.pread(self.fd, end - start, start))
@@ -83,11 +102,13 @@ class ChunkSource:
                 piece = blob[off:off + lengths[i - first] + OVERHEAD]  # a view: no copy
                 if len(piece) != lengths[i - first] + OVERHEAD:
                     raise ChunkError(i, "missing bytes")
+                plain = plain_buf[pos:pos + lengths[i - first]]
                 try:
-                    plain = core.open(piece, self.header.aad(i, flags[i - first]))
+                    core.open_into(piece, self.header.aad(i, flags[i - first]), plain)
                 except IntegrityError as e:
                     raise ChunkError(i, str(e)) from None
                 found[i] = plain
+                pos += len(plain)
             # keep only the tail: what the next small read most likely wants again
             for i in todo[-CACHE_CHUNKS:]:
                 self._cache[i] = found[i]
@@ -112,6 +133,10 @@ class ReaderView:
         self.source = ChunkSource(fd, header, core_getter)
 
     def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.read_buffer(offset, size))
+
+    def read_buffer(self, offset: int, size: int) -> bytes | memoryview:
+        """`read` without the final copy (FUSE replies take any buffer)."""
         if not self.well_formed:
             raise ChunkError(chunk_count(self.size, self.source.header.chunk_size) - 1, "truncated or torn file")
         return read_plain(self.source, self.size, offset, size, lambda i, n: i == n - 1)
@@ -120,7 +145,7 @@ class ReaderView:
         os.close(self.fd)
 
 
-def read_plain(source: ChunkSource, size: int, offset: int, length: int, flag_of: object) -> bytes:
+def read_plain(source: ChunkSource, size: int, offset: int, length: int, flag_of: object) -> bytes | memoryview:
     if offset >= size or length <= 0:
         return b""
     end = min(size, offset + length)
@@ -133,6 +158,10 @@ def read_plain(source: ChunkSource, size: int, offset: int, length: int, flag_of
     head, tail = offset - first * cs, end - (last - 1) * cs
     if len(chunks) == 1:
         return chunks[0][head:tail]
+    whole = chunks[0].obj
+    if all(c.obj is whole for c in chunks) and len(whole) == sum(lengths):  # type: ignore[arg-type]
+        # decrypted side by side in one buffer: answer with a view of it, no copy
+        return memoryview(whole)[head:len(whole) - (lengths[-1] - tail)]  # type: ignore[arg-type]
     # trim the first and last chunk, then one join: a single copy of the answer
     return b"".join([memoryview(chunks[0])[head:], *chunks[1:-1], memoryview(chunks[-1])[:tail]])
 
@@ -178,7 +207,7 @@ class WorkingFile:
     def core(self) -> CryptoCore:
         return self._core()  # type: ignore[operator]
 
-    def _stored_chunk(self, index: int) -> bytes:
+    def _stored_chunk(self, index: int) -> bytes | memoryview:
         """Chunk ``index`` as it is in the fd (zeros beyond what is physically there)."""
         if index >= self.phys:
             return b""
@@ -247,7 +276,7 @@ class WorkingFile:
         end = min(self.size, offset + length)
         first, last = offset // self.cs, (end - 1) // self.cs + 1
         if not any(i in self.dirty or i >= self.phys - 1 or i in self.flagged for i in range(first, last)):
-            return read_plain(self.source, self.size, offset, length, lambda i, n: False)
+            return bytes(read_plain(self.source, self.size, offset, length, lambda i, n: False))
         data = b"".join(bytes(self._chunk(i)) for i in range(first, last))
         return data[offset - first * self.cs:end - first * self.cs]
 
@@ -338,7 +367,7 @@ class WorkingFile:
                 continue
             if index != run_next or len(run) >= iov_max:
                 if run:
-                    os.pwritev(self.fd, run, self.header.chunk_offset(run_start))
+                    _write_runs(self.fd, [(self.header.chunk_offset(run_start), run)])
                 run, run_start = [], index
                 self._fill_zeros(core, index)
             plain = self.dirty.pop(index)
@@ -351,7 +380,7 @@ class WorkingFile:
             self.phys = max(self.phys, index + 1)
             run_next = index + 1
         if run:
-            os.pwritev(self.fd, run, self.header.chunk_offset(run_start))
+            _write_runs(self.fd, [(self.header.chunk_offset(run_start), run)])
         self.source.forget()
 
     def commit(self) -> bool:

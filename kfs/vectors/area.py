@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
@@ -35,13 +35,15 @@ from kfs.vectors.embedder import Embedder, EmbedderError, make_embedder
 from kfs.vectors.memory import MemorySync
 from kfs.vectors.queue import CollectionQueue, Entry
 from kfs.vectors.schema import Record, SchemaError, check_collection_name, now_rfc3339, parse_record
-from kfs.vectors.search import export_chunks, parse_query, result_line, run_query
+from kfs.vectors.search import export_chunks, of_agent, parse_query, result_line, run_query
 from kfs.vectors.sync import SyncAgent
 
 log = logging.getLogger("kfs.vectors")
 
 READ_WAIT = 0.25  # seconds a read may wait for a worker thread before answering EINTR
 RECORDS = "records.jsonl"
+#: hidden store file that a snapshot export streams records through (never a collection: dot name)
+SNAPSHOT_SPOOL = ".snapshot-export"
 STATS = "collection.json"
 SEARCH = "search"
 MAX_LINE = 64 << 20
@@ -176,6 +178,8 @@ class VectorsArea(Area):
             "sync_lag_s": lag,
             "last_error": self.backend_error or self.sync.last_error,
             "applied": self.sync.applied,
+            # group commit: fewer fdatasyncs than queue writes means concurrent writes shared them
+            "queue_fdatasyncs": sum(c.fsyncs for c in self.collections.values()),
             "collections": cols,
             "counters": dict(self.counters),
         }
@@ -210,6 +214,8 @@ class VectorsArea(Area):
             raise fs_error(errno.EINVAL, str(bg.error))
         if isinstance(bg.error, BackendError | EmbedderError):
             log.warning("vectors: read failed: %s", bg.error)
+            if isinstance(bg.error, BackendError):
+                self.sync.report_failure(str(bg.error))
             raise fs_error(errno.EIO, str(bg.error))
         if bg.error is not None:
             raise bg.error
@@ -354,8 +360,9 @@ class VectorsArea(Area):
             self._ensure_in_backend(col)
             count: int | None = self.backend.count(col.name)
             col.backend_count = count
-        except BackendError:
+        except BackendError as e:
             count = None  # the backend is down: the rest (queue depth, lag, last_error) still says a lot
+            self.sync.report_failure(str(e))
         return (json.dumps(self._stats_dict(col, count), indent=2) + "\n").encode()
 
     def _stats_dict(self, col: Collection, count: int | None) -> dict[str, Any]:
@@ -373,6 +380,7 @@ class VectorsArea(Area):
             "sync_lag_s": col.lag_s(),
             "sync_mode": self.config.sync_mode,
             "last_sync": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(col.last_sync)) if col.last_sync else None,
+            "backend_reachable": not (self.backend_error or self.sync.last_error),
             "last_error": self.backend_error or self.sync.last_error,
             "embedding_model": self.embedder.model,
             "created": col.settings.created,
@@ -394,19 +402,36 @@ class VectorsArea(Area):
             overlay = col.overlay()
 
             def chunks() -> Any:
-                self._ensure_in_backend(col)
-                yield from export_chunks(self.backend, col.name, overlay, True)
+                try:
+                    self._ensure_in_backend(col)
+                    yield from export_chunks(self.backend, col.name, overlay, True)
+                    return
+                except BackendError as e:
+                    failed = e
+                # The backend is down: still hand out what only the queue holds (read-your-writes),
+                # then fail the read with EIO so nobody takes this for the whole collection.
+                self.sync.report_failure(str(failed))
+                yield from export_chunks(self.backend, col.name, overlay, False)
+                raise failed
 
             st.update(gen=chunks(), buf=b"", start=0, eof=False, bg=None)
         while offset + size > st["start"] + len(st["buf"]) and not st["eof"]:
+            if st.get("error") is not None:
+                # The export failed after handing out what it had (backend down): now say so, once.
+                error, st["error"], st["eof"] = st["error"], None, True
+                raise error
             if st["bg"] is None:
                 st["bg"] = self._spawn(next, st["gen"], None)
             bg = st["bg"]
             try:
                 chunk = await self._bounded(bg)
             except OSError as e:
-                if e.errno != errno.EINTR:
-                    st["bg"] = None
+                if e.errno == errno.EINTR:
+                    raise
+                st["bg"] = None
+                if offset < st["start"] + len(st["buf"]):
+                    st["error"] = e  # first return the bytes already here; the next read fails
+                    break
                 raise
             st["bg"] = None
             if chunk is None:
@@ -479,7 +504,8 @@ class VectorsArea(Area):
         await self._accept_records(col, records)
 
     async def _accept_records(self, col: Collection, records: list[Record]) -> list[Entry]:
-        """Queue durably (fsync) and hand to the sync agent; EINVAL if the dimension changed meanwhile."""
+        """Queue durably (group-committed fdatasync) and hand to the sync agent; EINVAL if the
+        dimension changed meanwhile."""
         async with col.lock:
             if col.removed:
                 raise fs_error(errno.ENOENT)
@@ -496,15 +522,20 @@ class VectorsArea(Area):
                         if dim is not None:
                             col.settings.dimension = dim
                             save_settings(self.cdir, col.name, col.settings)
-                return col.queue.append(records)
+                return col.queue.write(records)
 
             try:
                 started = time.perf_counter()
                 entries = await trio.to_thread.run_sync(commit)
-                self.count("queue_commit_ms", round((time.perf_counter() - started) * 1000))
+                epoch = col.queue.epoch
             except SchemaError as e:
                 self.count("records_rejected")
                 raise fs_error(errno.EINVAL, str(e)) from None
+        if not entries:
+            return entries
+        # Outside the lock: concurrent writers' appends share one fdatasync (group commit).
+        await col.wait_durable(entries[-1].seq, epoch)
+        self.count("queue_commit_ms", round((time.perf_counter() - started) * 1000))
         col.note_accepted(entries)
         self.count("records_accepted", len(entries))
         self.sync.notify(col)
@@ -546,19 +577,51 @@ class VectorsArea(Area):
 
     # ------------------------------------------------------------------ snapshots
     async def export_state(self, sink: SnapshotSink, scope: dict[str, Any]) -> None:
-        """Every collection as ``C/settings.json`` + ``C/records.jsonl`` (queued records included)."""
+        """Every collection as ``C/settings.json`` + ``C/records.jsonl`` (queued records included).
+
+        An ``agent`` snapshot keeps only the records whose ``metadata.agent_id`` is that agent
+        (filtered page by page), and leaves out collections with none of them.
+        """
+        agent = scope.get("agent") if scope.get("type") == "agent" else None
+        keep = of_agent(str(agent)) if agent else None
         for name, col in sorted(self.collections.items()):
             overlay = col.overlay()
 
-            def dump(col: Collection = col, overlay: dict[str, Record] = overlay) -> bytes:
+            def dump(name: str = name, col: Collection = col, overlay: dict[str, Record] = overlay) -> int:
                 self._ensure_in_backend(col)
-                return b"".join(export_chunks(self.backend, col.name, overlay, True))
+                return self._spool_export(sink, f"{name}/{RECORDS}",
+                                          export_chunks(self.backend, col.name, overlay, True, keep))
 
-            data = await trio.to_thread.run_sync(dump)
+            kept = await trio.to_thread.run_sync(dump)
+            if kept == 0:
+                if keep is not None:
+                    continue
+                sink.add_bytes(f"{name}/{RECORDS}", b"")  # a full snapshot lists empty collections too
             settings = {"name": name, "dimension": col.dimension, "distance": col.settings.distance,
                         "created": col.settings.created, "backend": self.backend.name}
             sink.add_bytes(f"{name}/settings.json", json.dumps(settings, indent=2).encode())
-            sink.add_bytes(f"{name}/records.jsonl", data)
+
+    def _spool_export(self, sink: SnapshotSink, arcname: str, chunks: Iterator[bytes]) -> int:
+        """Write ``chunks`` through a hidden store file into the snapshot (memory: one page); returns bytes.
+
+        An empty export adds nothing.  The sink opens the file at once, so it is unlinked right after.
+        """
+        size = 0
+        try:
+            with self.store.opened(SNAPSHOT_SPOOL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) as fd:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    size += len(chunk)
+            if size:
+                sink.add_store_file(arcname, self.store, SNAPSHOT_SPOOL, size)
+        finally:
+            try:
+                self.store.unlink(SNAPSHOT_SPOOL)
+            except FileNotFoundError:
+                pass
+        return size
 
     async def restore_state(self, source: SnapshotSource) -> list[str]:
         """Re-create each collection of the snapshot; its records go through the durable queue."""

@@ -9,7 +9,9 @@ to be deleted (``rmdir`` while the backend was busy or down).
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -39,6 +41,36 @@ class Collection:
         self.backend_count: int | None = None
         self.last_sync: float | None = None
         self.accepted_at: dict[int, float] = {}  # seq -> monotonic time, for the sync lag
+        self._syncing: trio.Event | None = None  # set when the fdatasync in flight is done
+        self.fsyncs = 0
+
+    async def wait_durable(self, last_seq: int, epoch: int) -> None:
+        """Group commit: return once the queue is fdatasynced up to ``last_seq``.  The first
+        waiter runs one fdatasync (in a thread) for everything written so far; writers
+        arriving meanwhile wait for it, then run the next one together.  EIO if a failed
+        sync rolled this write back (it was never acknowledged)."""
+        queue = self.queue
+        while True:
+            if queue.epoch != epoch:
+                if last_seq <= queue.failed_at.get(epoch, 0):
+                    return
+                raise OSError(errno.EIO, os.strerror(errno.EIO), "vectors queue: fdatasync failed")
+            if queue.synced[1] >= last_seq:
+                return
+            if self._syncing is not None:
+                await self._syncing.wait()
+                continue
+            done = self._syncing = trio.Event()
+            try:
+                self.fsyncs += 1
+                await trio.to_thread.run_sync(queue.sync)
+            except OSError:
+                async with self.lock:
+                    await trio.to_thread.run_sync(queue.rollback)
+                raise
+            finally:
+                self._syncing = None
+                done.set()
 
     @property
     def dimension(self) -> int | None:

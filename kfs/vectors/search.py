@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,14 +119,48 @@ def export_line(record_id: str, embedding: Sequence[float] | None, metadata: dic
     return orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
 
 
-def export_chunks(backend: Backend, name: str, overlay: dict[str, Record], in_backend: bool) -> Iterator[bytes]:
-    """The collection as JSON Lines, one page of the backend at a time (bounded memory)."""
+def export_chunks(backend: Backend, name: str, overlay: dict[str, Record], in_backend: bool,
+                  keep: Callable[[dict[str, Any]], bool] | None = None) -> Iterator[bytes]:
+    """The collection as JSON Lines, one page of the backend at a time (bounded memory).
+
+    ``keep`` (given a record's metadata) selects records, page by page (agent snapshots).
+    """
+    def wanted(metadata: dict[str, Any]) -> bool:
+        return keep is None or keep(metadata)
+
     cursor: Any = None
     while in_backend:
         page, cursor = backend.page(name, cursor, EXPORT_PAGE)
-        yield b"".join(export_line(r.id, r.embedding, r.metadata, r.document) for r in page if r.id not in overlay)
+        yield b"".join(export_line(r.id, r.embedding, r.metadata, r.document) for r in page
+                       if r.id not in overlay and wanted(r.metadata))
         if cursor is None:
             break
     yield b"".join(
-        export_line(r.id, r.embedding, r.metadata, r.text) for r in overlay.values() if not r.delete
+        export_line(r.id, r.embedding, r.metadata, r.text) for r in overlay.values()
+        if not r.delete and wanted(r.metadata)
     )
+
+
+def of_agent(agent: str) -> Callable[[dict[str, Any]], bool]:
+    """A ``keep`` for `export_chunks`: records whose ``metadata.agent_id`` (or ``agent``) is ``agent``.
+
+    ``agent_id`` is stored as a canonical UUID (schema.py), so ``agent`` given in another
+    spelling of the same UUID (capitals, no hyphens) matches it too.
+    """
+    try:
+        canonical = str(uuid.UUID(agent))
+    except ValueError:
+        canonical = agent
+
+    def keep(metadata: dict[str, Any]) -> bool:
+        return any(_same_id(metadata.get(key), agent) or _same_id(metadata.get(key), canonical)
+                   for key in ("agent_id", "agent"))
+
+    return keep
+
+
+def _same_id(value: Any, agent: str) -> bool:
+    if isinstance(value, str):
+        return value == agent
+    # an id stored as a JSON number still names the agent
+    return isinstance(value, int) and not isinstance(value, bool) and str(value) == agent

@@ -44,6 +44,19 @@ class SyncAgent:
         self.applied = 0
         self.batches = 0
         self.running = False
+        self.suspect = False  # a read saw the backend fail: probe it until it answers again
+
+    def report_failure(self, error: str) -> None:
+        """A read (export, search, stats) found the backend down: say so in the status until a
+        probe or a sync gets through, even when nothing is queued for the agent to retry."""
+        self.last_error = error
+        self.suspect = True
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:  # called from a worker thread (export, stats)
+            trio.from_thread.run_sync(self._wake.set)
+        else:
+            self._wake.set()
 
     def notify(self, col: Collection | None = None) -> None:
         """Something was queued (or a collection created or removed)."""
@@ -59,6 +72,9 @@ class SyncAgent:
         backoff = RETRY_MIN
         while True:
             try:
+                if self.suspect:
+                    await trio.to_thread.run_sync(self.backend.list_collections)
+                    self.suspect = False
                 await self.sync_all(drain=True)
                 self.last_error = None
                 backoff = RETRY_MIN
@@ -82,13 +98,16 @@ class SyncAgent:
                 await trio.to_thread.run_sync(self.backend.ensure_collection, col.name, col.settings.distance,
                                                col.dimension)
                 col.ensured = True
-            while col.queue.pending:
+            while col.queue.applicable(1) and not col.removed:
                 await self.apply_batch(col)
                 if not drain:
                     break
 
     async def apply_batch(self, col: Collection) -> None:
-        batch = col.queue.pending[: self.config.batch_size]
+        # Only entries already fdatasynced: an unacknowledged write may still be rolled back.
+        batch = col.queue.applicable(self.config.batch_size)
+        if not batch:
+            return
         await trio.to_thread.run_sync(self._apply, col.name, batch)
         last = batch[-1].seq
         async with col.lock:

@@ -118,7 +118,44 @@ def kfs_mount(root: Path, chunk_size: int) -> Path:
     env = {**os.environ, "KFS_VAULT_PASSPHRASE": PASS}
     subprocess.run([sys.executable, "-m", "kfs", "mount", str(root / "mnt"), "--store", str(root / "store"),
                     "--config", str(root / "config")], check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    wait_idle(daemon_pid(root / "store"))
     return root / "mnt"
+
+
+def daemon_pid(store: Path) -> int | None:
+    """The kfs daemon serving ``store`` (found through /proc: the bench only knows its paths)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(store).encode() in cmdline and b"kfs" in b" ".join(cmdline):
+                return int(entry.name)
+    return None
+
+
+def wait_idle(pid: int | None, quiet_for: float = 1.0, limit: float = 30.0) -> None:
+    """Wait until the daemon stops burning CPU: other areas start up in the background
+    (the vectors backend imports chromadb for seconds), which would be charged to the vault."""
+    if pid is None:
+        time.sleep(3)
+        return
+
+    def cpu_ticks() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    deadline = time.monotonic() + limit
+    last, quiet_since = cpu_ticks(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = cpu_ticks()
+        if now - last > 2:  # more than ~20 ms of CPU in 250 ms: still busy
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_for:
+            return
+        last = now
 
 
 def kfs_umount(mnt: Path) -> None:
