@@ -290,6 +290,19 @@ def test_event_trigger_from_a_log_line_is_debounced(kfs_mount: Callable[..., Mou
     assert len(events) == 1      # the other three fold into one more at the end of the hour
 
 
+def test_event_trigger_from_a_stream_event(kfs_mount: Callable[..., Mount]) -> None:
+    mount = kfs_mount(config=cfg(on_events=["patch_merged"], event_debounce="1h"))
+    with open(mount.path / "streams" / "ci", "a") as stream:
+        stream.write(json.dumps({"event": "build_started"}) + "\n")
+        stream.write(json.dumps({"event": "patch_merged", "pr": 42}) + "\n")
+    deadline = time.monotonic() + 30
+    events: list[dict] = []
+    while time.monotonic() < deadline and not events:
+        events = [s for s in snapshot_list(mount) if s["trigger"] == "event:patch_merged"]
+        time.sleep(0.2)
+    assert len(events) == 1
+
+
 def test_restore_round_trip_vault_and_vectors(kfs_mount: Callable[..., Mount]) -> None:
     config = {**cfg(), "vector_config.yaml": {"sync_interval": "300ms"}}
     mount = kfs_mount(config=config, passphrase=PASS)
