@@ -148,10 +148,15 @@ def test_jetstream_survives_nats_restart(kfs_mount: Callable[..., Mount], nats_s
     assert wait_for(lambda: bridge_state(a)["nats"] == "disconnected", timeout=15)
     assert bridge_state(a)["backlog"] > 0
     nats_server.start()  # same port, same JetStream store
+    after_restart = total
     for _ in range(5):
         append(a, "feed", *({"i": total + k} for k in range(20)))
         total += 20
     assert wait_for(lambda: len(events(b, "feed")) >= total, timeout=60), (len(events(b, "feed")), total)
     got = [e["i"] for e in events(b, "feed")]
-    assert got == list(range(total))  # nothing lost, nothing twice, in order
+    assert sorted(got) == list(range(total))  # nothing lost, nothing twice
+    assert got[:100] == list(range(100))  # in order up to the outage
+    # Around the crash, a message JetStream redelivers can land after newer ones
+    # (docs/streams.md, NATS bridge); what was published after the restart is in order.
+    assert [i for i in got if i >= after_restart] == list(range(after_restart, total))
     assert bridge_state(a)["backlog"] == 0
