@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from snapshot_doubles import MemorySink
 
 from kfs.bus import Bus, Event
 from kfs.config import LoggingConfig, LogstashConfig
@@ -295,26 +296,12 @@ def test_forwarder_delivers_in_order_with_replay(tmp_path: Path) -> None:
     assert first_seen == list(range(100))
 
 
-class CollectingSink:
-    """A SnapshotSink that keeps what it is given (the snapshots area writes a zip instead)."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-
-    def add_bytes(self, arcname: str, data: bytes, compress: bool = True) -> None:
-        self.files[arcname] = data
-
-    def add_store_file(self, arcname: str, store: StoreDir, path: str, length: int | None = None,
-                       compress: bool = True) -> None:
-        self.files[arcname] = store.read_bytes(path)[:length]
-
-
 def test_export_state_conversation_memory(tmp_path: Path) -> None:
     area, _ = make_area(tmp_path)
     (tmp_path / "chat.log.jsonl").write_text("".join(json.dumps({"timestamp": f"t{i}", "i": i}) + "\n"
                                                      for i in range(10)))
     (tmp_path / "chat.log.jsonl.partial").write_text("ignored")
-    sink = CollectingSink()
+    sink = MemorySink()
     scope: dict[str, object] = {"type": "conversation", "memory_window": 3, "memory_events": []}
     trio.run(area.export_state, sink, scope)
     assert list(sink.files) == ["chat.log.jsonl"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from snapshot_doubles import DirSink, DirSource
 
 from kfs.config import RoleConfig
 from kfs.store import StoreDir
@@ -165,36 +166,6 @@ def test_segment_read_then_append_after_reload(tmp_path: Path) -> None:
     assert again.read(0, 100) == b'{"a":1}\n'
     assert again.append(b'{"a":2}\n') == (2, 8)
     assert again.line(2) == b'{"a":2}\n'
-
-
-class DirSink:
-    """A snapshot sink writing into a plain directory (the real one zips)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def add_bytes(self, arcname: str, data: bytes, compress: bool = True) -> None:
-        (self.root / arcname).parent.mkdir(parents=True, exist_ok=True)
-        (self.root / arcname).write_bytes(data)
-
-    def add_store_file(self, arcname: str, store: StoreDir, path: str, length: int | None = None,
-                       compress: bool = True) -> None:
-        data = store.read_bytes(path)
-        self.add_bytes(arcname, data if length is None else data[:length])
-
-
-class DirSource:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def names(self) -> list[str]:
-        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
-
-    def read_bytes(self, name: str) -> bytes:
-        return (self.root / name).read_bytes()
-
-    def copy_to(self, name: str, store: StoreDir, path: str) -> None:
-        store.write_atomic(path, self.read_bytes(name))
 
 
 def test_snapshot_export_and_restore(tmp_path: Path) -> None:

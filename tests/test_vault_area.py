@@ -7,10 +7,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
+from snapshot_doubles import DirSink, DirSource
 
 from kfs.bus import Bus, Event
 from kfs.config import VaultConfig
@@ -23,37 +23,6 @@ from kfs.vault.area import VaultArea
 class Opts:
     def __init__(self, passphrase: bytes | None) -> None:
         self.passphrase = bytearray(passphrase) if passphrase else None
-
-
-class DirSink:
-    """A snapshot sink that writes entries into a directory (what the zip writer gets)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.compressed: dict[str, bool] = {}
-
-    def add_bytes(self, arcname: str, data: bytes, compress: bool = True) -> None:
-        (self.root / arcname).parent.mkdir(parents=True, exist_ok=True)
-        (self.root / arcname).write_bytes(data)
-        self.compressed[arcname] = compress
-
-    def add_store_file(self, arcname: str, store: Any, path: str, length: int | None = None,
-                       compress: bool = True) -> None:
-        self.add_bytes(arcname, store.read_bytes(path)[:length], compress)
-
-
-class DirSource:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def names(self) -> list[str]:
-        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
-
-    def read_bytes(self, name: str) -> bytes:
-        return (self.root / name).read_bytes()
-
-    def copy_to(self, name: str, store: Any, path: str) -> None:
-        store.write_atomic(path, self.read_bytes(name))
 
 
 def make_area(store_path: Path, passphrase: bytes | None = b"pw") -> tuple[VaultArea, list[Event]]:

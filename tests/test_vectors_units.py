@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from snapshot_doubles import MemorySink, MemorySource
 
 from kfs.store import StoreDir
 from kfs.vectors.backends.base import flatten_metadata, unflatten_metadata
@@ -188,31 +189,6 @@ def test_backend_direct(tmp_path: Path, provider: str) -> None:
     b.drop_collection("col")  # already gone: fine
     assert b.list_collections() == []
     b.close()
-
-
-class MemorySink:
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-
-    def add_bytes(self, arcname: str, data: bytes, compress: bool = True) -> None:
-        self.files[arcname] = data
-
-    def add_store_file(self, arcname: str, store: StoreDir, path: str, length: int | None = None,
-                       compress: bool = True) -> None:
-        # Read at once, like the real sink opens at once (the caller may unlink right after).
-        with store.opened(path, os.O_RDONLY) as fd:
-            self.files[arcname] = os.pread(fd, length if length is not None else os.fstat(fd).st_size, 0)
-
-
-class MemorySource:
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.files = files
-
-    def names(self) -> list[str]:
-        return sorted(self.files)
-
-    def read_bytes(self, name: str) -> bytes:
-        return self.files[name]
 
 
 @pytest.mark.parametrize("provider", ["chroma", "qdrant"])
