@@ -151,7 +151,6 @@ class Mount:
                 os.kill(self.pid, 0)
             except ProcessLookupError:
                 return
-            # Reap if it happens to be our child (it is not: kfs mount daemonizes).
             time.sleep(0.02)
 
 

@@ -16,6 +16,7 @@ work small, and push blocking work (PBKDF2, Chroma, zip, large fsyncs) through
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import time
 from dataclasses import dataclass, field
@@ -112,20 +113,14 @@ class Handle:
 
     @property
     def append(self) -> bool:
-        import os
-
         return bool(self.flags & os.O_APPEND)
 
     @property
     def writable(self) -> bool:
-        import os
-
         return (self.flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
 
     @property
     def nonblocking(self) -> bool:
-        import os
-
         return bool(self.flags & os.O_NONBLOCK)
 
 

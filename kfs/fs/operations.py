@@ -27,7 +27,7 @@ import trio
 
 from kfs.bus import Bus
 from kfs.fs.area import Area, Attr, AttrChanges, Ctx, Handle, fs_error
-from kfs.fs.inodes import InodeTable
+from kfs.fs.inodes import InodeTable, Node
 
 log = logging.getLogger("kfs.fs")
 
@@ -153,7 +153,9 @@ class KfsOperations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ helpers
     def _resolve(self, inode: int) -> tuple[Area | None, str]:
-        node = self.inodes.get(inode)
+        return self._resolve_node(self.inodes.get(inode))
+
+    def _resolve_node(self, node: Node) -> tuple[Area | None, str]:
         if node.area == "":
             return None, ""
         if node.unlinked:
@@ -228,7 +230,7 @@ class KfsOperations(pyfuse3.Operations):
         if node.unlinked and node.unlinked_attr is not None:
             # fstat of a file unlinked while open (Python's read() asks for it)
             return self._entry(inode, node.unlinked_attr, self.areas.get(node.area))
-        area, path = self._resolve(inode)
+        area, path = self._resolve_node(node)
         attr = self.root_attr if area is None else await area.getattr(path)
         return self._entry(inode, attr, area)
 
