@@ -77,11 +77,8 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
             result = await handler(cmd, args)
             await _send(stream, {"ok": True, "result": result})
         except (ControlError, OSError, ValueError) as e:
-            message = str(e) if not isinstance(e, OSError) or not e.strerror else e.strerror
-            if isinstance(e, OSError) and e.filename is None and len(e.args) > 1 and isinstance(e.args[1], str):
-                message = e.args[1]
             try:
-                await _send(stream, {"ok": False, "error": message})
+                await _send(stream, {"ok": False, "error": _user_message(e)})
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -92,6 +89,13 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
                 await _send(stream, {"ok": False, "error": f"internal error: {e!r}"})
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+
+
+def _user_message(e: Exception) -> str:
+    """The one line a failed command shows: an OSError's own text (``OSError(EACCES, "vault is locked")``)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e)
 
 
 async def _receive_line(stream: trio.SocketStream) -> dict[str, Any]:

@@ -131,3 +131,25 @@ def test_rename_moves_a_subtree_of_inodes() -> None:
     assert ops.inodes.find("vault", "other") is a
     assert ops.inodes.find("vault", "other/file") is b
     assert ops.inodes.find("vault", "dir/file") is None
+
+
+def test_nodes_of_an_area_include_files_unlinked_while_open() -> None:
+    from kfs.fs.inodes import InodeTable
+
+    table = InodeTable()
+    gone = table.remember("vault", "gone")
+    kept = table.remember("vault", "kept")
+    table.remember("logs", "a.log.jsonl")
+    table.removed("vault", "gone")
+    assert gone.unlinked and not kept.unlinked
+    assert {node.inode for node in table.nodes_of("vault")} == {gone.inode, kept.inode}
+
+
+def test_notifier_drain_returns_once_everything_queued_is_sent() -> None:
+    ops, _ = make_ops()
+    assert ops.notifier.drain(0.1)  # not started (unmounted): nothing to wait for
+    ops.notifier.start()
+    try:
+        assert ops.notifier.drain(5.0)
+    finally:
+        ops.notifier.stop()

@@ -17,19 +17,17 @@ from kfs.fs.area import Attr, fs_error
 ROOT_INODE: int = pyfuse3.ROOT_INODE
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     inode: int
     area: str  # "" for the mount's root
     path: str
     lookups: int = 0
     pinned: bool = False
+    #: the path was unlinked/rmdir'ed (a plain field: read on every request)
+    unlinked: bool = False
     #: for an unlinked path still open somewhere: its last attributes (fstat keeps working)
     unlinked_attr: Attr | None = None
-
-    @property
-    def unlinked(self) -> bool:
-        return self.path.startswith("\0deleted")
 
 
 class InodeTable:
@@ -56,6 +54,10 @@ class InodeTable:
 
     def find(self, area: str, path: str) -> Node | None:
         return self._by_key.get((area, path))
+
+    def nodes_of(self, area: str) -> list[Node]:
+        """Every numbered node of ``area``, unlinked-but-open ones included."""
+        return [node for node in self._by_inode.values() if node.area == area]
 
     def pin_area(self, area: str) -> Node:
         node = self.ensure(area, "")
@@ -91,6 +93,7 @@ class InodeTable:
         node = self._by_key.pop((area, path), None)
         if node is not None:
             node.path = f"\0deleted\0{node.inode}"
+            node.unlinked = True
             if last_attr is not None:
                 last_attr.nlink = 0
                 node.unlinked_attr = last_attr

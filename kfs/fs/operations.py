@@ -40,9 +40,13 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 def fuse_handler(func: F) -> F:
     """Answer OSError with its errno and anything unexpected with EIO, logged."""
 
+    opcode = func.__name__
+
     @functools.wraps(func)
     async def wrapper(self: KfsOperations, *args: Any) -> Any:
         self.requests += 1
+        by_op = self.requests_by_op
+        by_op[opcode] = by_op.get(opcode, 0) + 1
         try:
             return await func(self, *args)
         except pyfuse3.FUSEError:
@@ -114,12 +118,36 @@ class KernelNotifier:
         if node is not None and self.active:
             self._queue.put(("entry", node.inode, os.fsencode(name)))
 
+    def invalidate_area(self, area: str) -> None:
+        """Drop the kernel's data and attributes of every inode of ``area`` it may cache.
+
+        Files unlinked while still open included: they have no name left to invalidate by.
+        Call on the trio thread (it walks the inode table).
+        """
+        if not self.active:
+            return
+        for node in self._inodes.nodes_of(area):
+            self._queue.put(("inode", node.inode, False))
+
+    def drain(self, limit: float) -> bool:
+        """Block until everything queued so far has been sent (at most ``limit`` s); False on timeout.
+
+        Blocks: call it from a worker thread (``trio.to_thread.run_sync(notifier.drain, 2.0)``).
+        """
+        if not self.active:
+            return True
+        sent = threading.Event()
+        self._queue.put(("barrier", 0, sent))
+        return sent.wait(limit)
+
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             kind, inode, arg = item
             try:
                 if kind == "inode":
                     pyfuse3.invalidate_inode(inode, arg)
+                elif kind == "barrier":
+                    arg.set()
                 else:
                     pyfuse3.invalidate_entry(inode, arg)
             except OSError as e:  # ENOENT: the kernel had already forgotten it
@@ -147,6 +175,8 @@ class KfsOperations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[str, Attr, int]]] = {}
         self._next_fh = 1
         self.requests = 0
+        #: requests per FUSE operation (lookup, getattr, open, ...): shows what a workload costs
+        self.requests_by_op: dict[str, int] = {}
         self.errors = 0
         self.started = time.monotonic()
         self.root_attr = Attr.directory(0o755, os.getuid(), os.getgid())
@@ -164,15 +194,13 @@ class KfsOperations(pyfuse3.Operations):
 
     def _entry(self, inode: int, attr: Attr, area: Area | None) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = inode
-        entry.generation = 0
+        entry.st_ino = inode  # generation and st_rdev stay 0 (EntryAttributes starts zeroed)
         entry.entry_timeout = area.entry_timeout if area else ROOT_TIMEOUT
         entry.attr_timeout = area.attr_timeout if area else ROOT_TIMEOUT
         entry.st_mode = attr.mode
         entry.st_nlink = attr.nlink
         entry.st_uid = attr.uid
         entry.st_gid = attr.gid
-        entry.st_rdev = 0
         entry.st_size = attr.size
         entry.st_blksize = attr.blksize
         entry.st_blocks = (attr.size + 511) // 512
@@ -401,6 +429,7 @@ class KfsOperations(pyfuse3.Operations):
         return {
             "requests": self.requests,
             "requests_per_s": round(self.requests / uptime, 1) if uptime > 0 else 0.0,
+            "requests_by_op": dict(sorted(self.requests_by_op.items())),
             "errors": self.errors,
             "inodes": len(self.inodes),
             "open_handles": len(self._handles),
