@@ -86,6 +86,20 @@ def test_level_filter() -> None:
     assert len(batch.data.splitlines()) == 4
 
 
+def test_fast_path_edge_cases() -> None:
+    # An empty object spelt with a space: stamped (not spliced into '{"timestamp":..., }').
+    batch = LineValidator().process(b'{"a":1}\n{ }\n')
+    assert [json.loads(x).keys() for x in batch.data.splitlines()] == [{"timestamp", "a"}, {"timestamp"}]
+    # A timestamp key spelt with an escape counts as a timestamp: not added twice.
+    raw = b'{"\\u0074imestamp":"2020-01-01T00:00:00Z","a":1}\n'
+    assert LineValidator().process(raw).data == raw
+    # Unhashable and unknown levels: never dropped; below-level ones are.
+    batch = LineValidator("info").process(b'{"level":["x"]}\n{"level":"DEBUG"}\n{"level":"trace2"}\n')
+    assert batch.filtered == 1 and [r["level"] for r in batch.records] == [["x"], "trace2"]
+    # Whitespace before the newline of a line that is otherwise bare: trimmed by the general path.
+    assert LineValidator().process(b'{"timestamp":"t"} \n').data == b'{"timestamp":"t"}\n'
+
+
 def test_split_complete() -> None:
     assert split_complete(b"ab", b"c\nde") == (b"abc\n", b"de")
     assert split_complete(b"", b"abc") == (b"", b"abc")
@@ -179,9 +193,28 @@ def test_area_write_assembles_lines_and_publishes(tmp_path: Path) -> None:
     stored = [json.loads(x) for x in (tmp_path / "x.log.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k != "timestamp"} for r in stored] == [
         {"a": "bc"}, {"d": 1}, {"last": True}]
-    log_events = [e for e in events if e.topic == "log_line"]
-    assert [e.data["record"] for e in log_events] == stored
+    # One `log_lines` event per accepted write: the stored bytes and the same records.
+    batches = [e for e in events if e.topic == "log_lines"]
+    assert [r for e in batches for r in e.data["records"]] == stored
+    assert b"".join(e.data["data"] for e in batches) == (tmp_path / "x.log.jsonl").read_bytes()
+    assert all(e.data["count"] == len(e.data["records"]) and e.data["file"] == "x.log.jsonl" for e in batches)
+    assert not [e for e in events if e.topic == "log_line"]  # nobody asked for per-line events
     assert area.status()["counters"]["rejected_writes"] == 2
+
+
+def test_per_line_events_only_for_subscribers_that_name_them(tmp_path: Path) -> None:
+    area, everything = make_area(tmp_path)
+    named: list[Event] = []
+    area.bus.subscribe(named.append, ["log_line"])
+
+    async def main() -> None:
+        h = await area.create("y.log.jsonl", 0o644, os.O_WRONLY | os.O_APPEND, Ctx())
+        await area.write(h, 0, b'{"n":1}\n{"n":2}\n')
+        await area.release(h)
+
+    trio.run(main)
+    assert [(e.data["file"], e.data["record"]["n"]) for e in named] == [("y.log.jsonl", 1), ("y.log.jsonl", 2)]
+    assert [e.topic for e in everything] == ["log_lines"]  # a catch-all subscriber gets the batch only
 
 
 def test_area_append_only_and_names(tmp_path: Path) -> None:

@@ -287,7 +287,10 @@ class LogsArea(Area):
             pending += data
             handle.next_offset = offset + len(data)
             return len(data)
-        complete = bytes(pending) + data[: cut + 1] if pending else data[: cut + 1]
+        if cut + 1 == len(data):
+            complete = b"".join((pending, data)) if pending else data
+        else:  # one copy (a view, then one join), not a slice and a concatenation
+            complete = b"".join((pending, memoryview(data)[: cut + 1]))
         rest = data[cut + 1:]
         if rest and not plausible_start(rest):
             self._reject(handle, "not a JSON object")
@@ -316,9 +319,15 @@ class LogsArea(Area):
         self.lines += len(records)
         self.filtered += filtered
         path = logfile.path
-        publish = self.bus.publish
-        for record in records:
-            publish("log_line", {"file": path, "record": record}, "logs")
+        if records:
+            # One bus event per write (the streams area appends its bytes to the `logs` stream
+            # as they are); per-line events only for subscribers that asked for them by name.
+            bus = self.bus
+            bus.publish("log_lines", {"file": path, "data": data, "count": len(records), "records": records},
+                        "logs")
+            if bus.has_subscribers("log_line"):
+                for record in records:
+                    bus.publish_named("log_line", {"file": path, "record": record}, "logs")
         if self.rotate_bytes and logfile.size >= self.rotate_bytes and path != DAEMON_LOG:
             self._rotate(logfile)
 
@@ -458,7 +467,9 @@ class LogsArea(Area):
         return events
 
     async def restore_state(self, source: SnapshotSource) -> list[str]:
-        names = [n for n in source.names() if is_log_name(n.rpartition("/")[2]) and not _hidden(n)]
+        # The daemon's own diagnostics are its history, not the agents' state: a restore keeps them.
+        names = [n for n in source.names()
+                 if is_log_name(n.rpartition("/")[2]) and not _hidden(n) and n != DAEMON_LOG]
 
         def restore() -> None:
             for name in names:

@@ -28,6 +28,15 @@ class EventWatcher:
         self.seen: deque[str] = deque(maxlen=10_000)
 
     def on_event(self, event: Event) -> None:
+        if event.topic == "log_lines":  # one event per logs/ write, its records in order
+            data = event.data.get("data", b"")
+            # Bytes first (C speed): a name not in them is in no record, unless spelt with escapes.
+            if self.names and (b"\\u" in data or any(n.encode() in data for n in self.names)):
+                for record in event.data.get("records", ()):
+                    name = match_event({"record": record}, self.names)
+                    if name is not None:
+                        self.seen.append(name)
+            return
         name = match_event(event.data, self.names)
         if name is not None:
             self.seen.append(name)
