@@ -101,16 +101,23 @@ class MemorySyncConfig:
 @dataclass
 class VectorConfig:
     provider: Literal["chroma", "qdrant", "milvus"] = "chroma"
-    mode: Literal["embedded", "server"] = "embedded"
+    #: local: qdrant only, qdrant-client's in-process mode (the server's client API, pure Python)
+    mode: Literal["embedded", "server", "local"] = "embedded"
     host: str = "127.0.0.1"
     port: int = 8000
+    https: bool = False                 # qdrant server: TLS
+    #: embedded chroma in a child process (it holds the GIL for a whole upsert: kfs/vectors/backends/isolated.py)
+    backend_process: bool = True
+    api_key: str | None = None          # qdrant server: a secret reference (vault:, env:, file:)
     sync_interval: Duration = Duration(30)
     sync_mode: Literal["batched", "streaming"] = "batched"
     batch_size: int = 256
     dimension: int | None = None
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_endpoint: str | None = None
-    embedding_api_key_secret: str | None = None
+    #: vault:PATH[#FIELD], env:NAME or file:PATH[#FIELD] (kfs/vectors/secrets.py)
+    embedding_api_key: str | None = None
+    embedding_api_key_secret: str | None = None  # older form: a plain file (= file:PATH#api_key)
     search_k: int = 10
     distance: Literal["cosine", "l2", "ip"] = "cosine"
     memory_sync: list[MemorySyncConfig] = field(default_factory=list)
@@ -122,6 +129,18 @@ class VectorConfig:
                 raise ConfigError(f"vector_config.yaml: {key}: must be between {low} and {high}, got {value}")
         if self.dimension is not None and not 1 <= self.dimension <= 65536:
             raise ConfigError(f"vector_config.yaml: dimension: must be between 1 and 65536, got {self.dimension}")
+        if self.embedding_endpoint and self.dimension is None:
+            # the collection's dimension is fixed before a text record is embedded (at sync time)
+            raise ConfigError("vector_config.yaml: dimension: embedding_endpoint needs the model's dimension "
+                              "(e.g. 1536 for text-embedding-ada-002)")
+        if self.mode == "local" and self.provider != "qdrant":
+            raise ConfigError(f"vector_config.yaml: mode: local is qdrant-client's mode (provider: qdrant), "
+                              f"not {self.provider}'s")
+        for key in ("api_key", "embedding_api_key"):
+            ref = getattr(self, key)
+            if ref is not None and not re.match(r"^(vault|env|file):.", ref):
+                raise ConfigError(f"vector_config.yaml: {key}: must be vault:PATH[#FIELD], env:NAME or "
+                                  f"file:PATH[#FIELD], got {ref!r}")
 
 
 @dataclass
@@ -154,6 +173,8 @@ class NatsConfig:
     subject_prefix: str = "kfs.streams"
     jetstream: bool = False
     jetstream_max_age: Duration = Duration(7 * 86400)
+    #: how long an event from another node waits for its predecessor before kfs gives up on the hole
+    hold_timeout: Duration = Duration(45)
 
 
 @dataclass

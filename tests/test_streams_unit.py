@@ -71,6 +71,55 @@ def test_retention_bounds_events_and_bytes(tmp_path: Path) -> None:
     assert on_disk == by_bytes.retained_bytes
 
 
+def test_publish_objects_stores_what_publish_many_would(tmp_path: Path) -> None:
+    """Log bursts are stamped at the byte level: the same fields as the dict path, the writer's bytes kept."""
+    broker = Broker(store_at(tmp_path), 1000, 1 << 20, "node-a")
+    seen: list[tuple[str, int, int]] = []
+    broker.batch_listeners.append(lambda name, first, lines, origin: seen.append((name, first, len(lines))))
+    lines = [b'{"timestamp":"2026-01-01T00:00:00.000Z","msg":"a","n":1.50}', b'{"timestamp":"t2","x":[1,{"y":null}]}']
+    records = [json.loads(x) for x in lines]
+    assert broker.publish_objects("logs", b"\n".join(lines) + b"\n", records, {"file": "kai.log.jsonl"}) == range(1, 3)
+    log = broker.streams["logs"].log
+    assert log.line(1) == b'{"seq":1,"stream":"logs",' + lines[0][1:-1] + b',"file":"kai.log.jsonl"}\n'
+    for seq, record in zip((1, 2), records, strict=True):
+        assert json.loads(log.line(seq)) == {"seq": seq, "stream": "logs", **record, "file": "kai.log.jsonl"}
+    assert seen == [("logs", 1, 2)]
+    # Reserved fields, the extra field already there, a null timestamp, escaped names: from the records.
+    odd = [b'{"timestamp":"t3","seq":7,"stream":"x","kfs_origin":"o","file":"mine"}', b'{"timestamp":null,"a":1}',
+           b'{"timestamp":"t5","\\u0073eq":9}']
+    records = [json.loads(x) for x in odd]
+    assert broker.publish_objects("logs", b"\n".join(odd) + b"\n", records, {"file": "kai.log.jsonl"}) == range(3, 6)
+    got = [json.loads(log.line(seq)) for seq in (3, 4, 5)]
+    assert got[0] == {"seq": 3, "stream": "logs", "timestamp": "t3", "file": "mine"}
+    assert got[1]["seq"] == 4 and got[1]["a"] == 1 and got[1]["timestamp"].endswith("Z")
+    assert got[2] == {"seq": 5, "stream": "logs", "timestamp": "t5", "file": "kai.log.jsonl"}
+    assert records[0]["seq"] == 7  # the caller's records are not touched
+    with pytest.raises(OSError) as e:
+        big = b'{"timestamp":"t","s":"' + b"x" * (1 << 20) + b'"}'
+        broker.publish_objects("logs", big + b"\n", [json.loads(big)])
+    assert e.value.errno == errno.EFBIG and log.next_seq == 6
+
+
+def test_log_lines_reach_the_logs_stream_from_the_bus(tmp_path: Path) -> None:
+    from kfs.bus import Bus
+    from kfs.config import StreamsConfig
+    from kfs.streams.area import StreamsArea
+
+    bus = Bus()
+    area = StreamsArea(bus, store_at(tmp_path), StreamsConfig())
+    big = b'{"timestamp":"t","s":"' + b"x" * (1 << 20) + b'"}'
+    lines = [b'{"timestamp":"t","i":1}', big, b'{"timestamp":"t","i":3}']
+    data = b"\n".join(lines) + b"\n"
+    bus.publish("log_lines", {"file": "a.log.jsonl", "data": data, "count": 3,
+                              "records": [json.loads(x) for x in lines]}, "logs")
+    area._drain_inbox()
+    log = area.broker.streams["logs"].log
+    # The oversized line (logs/ takes up to 16 MiB, an event is at most 1 MiB) is the only one left out.
+    assert [json.loads(log.line(s))["i"] for s in range(log.first_seq, log.next_seq)] == [1, 3]
+    assert area.counters["bus_events_dropped"] == 1
+    assert area.broker.streams["system"].log.next_seq == 1  # no system event for log lines
+
+
 def test_broker_stamps_and_validates(tmp_path: Path) -> None:
     broker = Broker(store_at(tmp_path), 1000, 1 << 20, "node-a")
     assert set(broker.streams) == {"system", "logs", "metrics"}
@@ -213,24 +262,6 @@ def test_bus_routing(tmp_path: Path) -> None:
     assert area.broker.streams["system"].log.next_seq == 2  # stream events do not loop into system
 
 
-def test_nats_inbound_dedup_takes_late_redeliveries(tmp_path: Path) -> None:
-    from kfs.config import NatsConfig
-    from kfs.streams.nats_bridge import NatsBridge
-
-    broker = Broker(store_at(tmp_path), 1000, 1 << 20, "me")
-    bridge = NatsBridge(broker, store_at(tmp_path), NatsConfig(url="nats://127.0.0.1:1"), "me")
-    taken = [not bridge._seen_before("other", "chat", seq) for seq in (10, 12, 13, 12, 11, 10, 14)]
-    assert taken == [True, True, True, False, True, False, True]  # 11 arrives late and still gets in
-    assert bridge.inbound_seen["other"]["chat"] == 14
-    messages = [("kfs.streams.chat", json.dumps({"seq": s, "n": s}).encode(), "third") for s in (1, 2, 2)]
-    messages.append(("kfs.streams.chat", b'{"seq":3}', "me"))  # our own echo
-    messages.append(("kfs.streams.system", b'{"seq":1}', "other"))  # built-ins are not appended into
-    bridge._append(messages)
-    chat = broker.streams["chat"].log
-    assert chat.next_seq == 3 and json.loads(chat.line(1))["kfs_origin"] == "third"
-    assert bridge.dropped_echo == 1 and broker.streams["system"].log.next_seq == 1
-
-
 def test_append_many_matches_append(tmp_path: Path) -> None:
     one = SegmentLog.open(store_at(tmp_path, "one"), 40, 1 << 20)
     many = SegmentLog.open(store_at(tmp_path, "many"), 40, 1 << 20)
@@ -244,3 +275,16 @@ def test_append_many_matches_append(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "many"))
     reloaded = SegmentLog.open(store_at(tmp_path, "many"), 40, 1 << 20)
     assert (reloaded.first_seq, reloaded.next_seq) == (many.first_seq, 301)
+
+
+def test_append_many_large_bursts_byte_exact(tmp_path: Path) -> None:
+    """Bursts beyond the writev limit and the segment's byte bound land whole and in order."""
+    log = SegmentLog.open(store_at(tmp_path), 1_000_000, 4 << 20)
+    lines = [b'{"i":%d,"pad":"%s"}\n' % (i, b"x" * (i % 300)) for i in range(5000)]
+    log.append_many(lines[:3000])
+    log.append_many(lines[3000:])
+    assert log.next_seq == 5001 and log.end_offset == sum(map(len, lines))
+    assert [log.line(s) for s in (1, 1025, 2049, 4999, 5000)] == [lines[i] for i in (0, 1024, 2048, 4998, 4999)]
+    on_disk = b"".join((tmp_path / "streams" / seg.name).read_bytes() for seg in log.segments)
+    assert on_disk == b"".join(lines)[log.start_offset:]
+    assert len(log.segments) > 1  # segment_bytes (512 KiB) cut the bursts

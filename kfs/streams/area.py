@@ -53,7 +53,9 @@ if TYPE_CHECKING:
 SINCE_SUFFIX = "@since"
 STATUS_SUFFIX = ".status"
 NODE_ID_FILE = ".node-id"
-#: bus topics that are not `system` events
+#: bus topics that are not `system` events: logs/ publishes one `log_lines` per write; a
+#: single `log_line` (someone else's) is taken too
+LOG_LINES_TOPIC = "log_lines"
 LOG_TOPIC = "log_line"
 #: what we publish on the bus for every event of a user stream
 STREAM_TOPIC = "stream_event"
@@ -181,13 +183,20 @@ class StreamsArea(Area):
             self._drain_inbox()
 
     def _drain_inbox(self) -> None:
-        # Log lines arrive in bursts (a 128 KiB write is ~1,000 lines): publish each
-        # burst on the logs stream with one encode pass and one disk write.
+        # Log lines arrive as one `log_lines` event per logs/ write (a 128 KiB write is ~1,000
+        # lines): each goes onto the logs stream as its bytes, stamped at the byte level, with
+        # one disk write.  Single `log_line` events (published by hand) are batched the old way.
         log_bodies: list[dict[str, Any]] = []
         while self._inbox:
             event = self._inbox.popleft()
-            self.bus_topics[event.topic] = self.bus_topics.get(event.topic, 0) + 1
-            if event.topic == LOG_TOPIC:
+            topic = event.topic
+            self.bus_topics[topic] = self.bus_topics.get(topic, 0) + 1
+            if topic == LOG_LINES_TOPIC:
+                if log_bodies:
+                    self._publish_from_bus("logs", log_bodies)
+                    log_bodies = []
+                self._publish_log_lines(event.data)
+            elif topic == LOG_TOPIC:
                 record = event.data.get("record")
                 body = dict(record) if isinstance(record, dict) else {"record": record}
                 if "file" in event.data:
@@ -197,6 +206,27 @@ class StreamsArea(Area):
                 self._publish_from_bus("system", [self._system_body(event)])
         if log_bodies:
             self._publish_from_bus("logs", log_bodies)
+
+    def _publish_log_lines(self, data: dict[str, Any]) -> None:
+        records = data.get("records") or []
+        raw = data.get("data", b"")
+        extra = {"file": data["file"]} if "file" in data else {}
+        try:
+            self.broker.publish_objects("logs", raw, records, extra)
+        except OSError as e:
+            if e.errno != errno.EFBIG:
+                self.count("bus_events_dropped", len(records))
+                self.count(f"error_{errno.errorcode.get(e.errno or 0, 'EIO')}")
+                return
+            # A log line may be up to 16 MiB, an event 1 MiB: publish the others one by one.
+            for line, record in zip(raw.split(b"\n"), records, strict=False):
+                try:
+                    self.broker.publish_objects("logs", line + b"\n", [record], extra)
+                except OSError:
+                    self.count("bus_events_dropped")
+        except ValueError:  # data and records disagree: never from logs/, but keep every record
+            bodies = [{**record, **{k: v for k, v in extra.items() if k not in record}} for record in records]
+            self._publish_from_bus("logs", bodies)
 
     def _publish_from_bus(self, stream: str, bodies: list[dict[str, Any]]) -> None:
         try:
@@ -238,7 +268,23 @@ class StreamsArea(Area):
                 "bus_events": dict(self.bus_topics),
                 "errors": self.bus_topics.get("kfs_error", 0),
                 "streams": streams,
+                "areas": self._areas_metrics(max((s["max_lag"] for s in streams.values()), default=0)),
             })
+
+    # ------------------------------------------------------------------ metrics per area (metrics.py)
+    #: every area of the mount, handed over by the daemon (``attach_peers``); read only for status()
+    _peers: ClassVar[dict[str, Any]] = {}
+
+    def attach_peers(self, areas: dict[str, Any]) -> None:
+        self._peers = dict(areas)  # type: ignore[misc]
+
+    def _areas_metrics(self, readers_max_lag: int) -> dict[str, dict[str, Any]]:
+        from kfs.streams.metrics import areas_metrics
+
+        out = areas_metrics({name: area.status for name, area in (self._peers or {self.name: self}).items()})
+        if self.name in out:
+            out[self.name]["backlog"]["readers_max_lag"] = readers_max_lag
+        return out
 
     # ------------------------------------------------------------------ paths
     def _parse(self, path: str) -> tuple[str, str, str]:

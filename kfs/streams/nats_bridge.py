@@ -9,10 +9,19 @@ Outbound never sits on the write path: a trio task keeps, per stream, the
 last seq that NATS has taken (``streams/.nats-cursors.json``) and sends what
 the retained history holds after it, in batches.  An outage just stops the
 cursor; the backlog goes out when NATS returns (or after a kfs restart).
+The client's own reconnect buffer is off (``pending_size=0``): during an
+outage a publish fails at once, and the backlog goes out from the cursor, so
+it leaves in seq order, never as a stale buffered copy after newer events.
 Events that came in from another node carry ``kfs_origin`` and are never
 sent back out (no echo loops); inbound messages whose ``Kfs-Origin`` header is
-this node are dropped, and per (origin, stream) only seqs above the last one
-taken are appended (redeliveries are not duplicated).
+this node are dropped.
+
+Every event sent carries ``Kfs-Origin`` (node id), ``Kfs-Seq`` (its seq here)
+and ``Kfs-Prev`` (the seq of the previous event of that stream this node
+sent), so a receiver keeps each origin's order (`nats_order.py`): an event
+whose predecessor has not arrived yet is held back while the bridge asks
+JetStream for the missing range by sequence; after ``hold_timeout`` it gives
+up on the hole and appends with a ``gap`` marker.  Redeliveries are dropped.
 
 JetStream mode creates (or reuses) a stream over ``<prefix>.>`` with the
 configured max age, publishes with ``Nats-Msg-Id`` (the server drops
@@ -29,6 +38,7 @@ import functools
 import json
 import logging
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -37,12 +47,22 @@ import trio
 from kfs.config import NatsConfig
 from kfs.store import StoreDir
 from kfs.streams.broker import BUILTIN_STREAMS, ORIGIN_FIELD, Broker, valid_name
+from kfs.streams.nats_order import Hole, OriginOrder, Release
 
 log = logging.getLogger("kfs.streams.nats")
 
 CURSORS_FILE = ".nats-cursors.json"
 ORIGIN_HEADER = "Kfs-Origin"
+SEQ_HEADER = "Kfs-Seq"
+PREV_HEADER = "Kfs-Prev"
 BATCH = 512
+#: JetStream messages read per hole when asking for a missing range
+REPAIR_SCAN = 4096
+#: seconds before the same hole is asked about again
+REPAIR_RETRY = 5.0
+
+#: one inbound message: (subject, payload, headers, JetStream stream seq or None, ack token or None)
+Inbound = tuple[str, bytes, dict[str, str], int | None, Any]
 
 
 class NatsBridge:
@@ -54,8 +74,9 @@ class NatsBridge:
         self.prefix = config.subject_prefix.rstrip(".")
         self.js_stream = self.prefix.upper().replace(".", "_").replace(">", "").replace("*", "") or "KFS"
         self.cursors: dict[str, int] = {}
-        self.inbound_seen: dict[str, dict[str, int]] = {}
-        self._above: dict[str, set[int]] = {}
+        #: per stream, the seq of the last event of ours that NATS took (Kfs-Prev of the next one)
+        self.last_sent: dict[str, int] = {}
+        self.order = OriginOrder(hold_timeout=float(config.hold_timeout))
         self._load_state()
         for name, stream in broker.streams.items():
             # Streams that predate the bridge: start at their head, not their whole history.
@@ -65,6 +86,8 @@ class NatsBridge:
         self.sent = 0
         self.received = 0
         self.dropped_echo = 0
+        self.repaired = 0
+        self.append_failures = 0
         self.last_error = ""
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
@@ -82,22 +105,32 @@ class NatsBridge:
         try:
             data = json.loads(self.store.read_bytes(CURSORS_FILE))
             self.cursors = {str(k): int(v) for k, v in data.get("out", {}).items()}
-            self.inbound_seen = {str(o): {str(s): int(q) for s, q in v.items()} for o, v in data.get("in", {}).items()}
+            self.last_sent = {str(k): int(v) for k, v in data.get("prev", {}).items()}
+            self.order.last = _nested_ints(data.get("in", {}))
+            self.order.last_js = _nested_ints(data.get("in_js", {}))
         except (ValueError, TypeError, AttributeError) as e:
             log.warning("%s unreadable (%s): starting from the streams' heads", CURSORS_FILE, e)
 
-    def _save_state(self) -> None:
-        data = {"out": self.cursors, "in": self.inbound_seen}
-        self.store.write_atomic(CURSORS_FILE, json.dumps(data).encode())
+    def _state_bytes(self) -> bytes:
+        """The state file's contents (built on the trio loop: the dicts change there)."""
         self._dirty = False
+        return json.dumps({"out": self.cursors, "prev": self.last_sent,
+                           "in": self.order.last, "in_js": self.order.last_js}).encode()
 
-    def state(self) -> dict[str, Any]:
+    def outbox(self) -> int:
+        """Events of ours not yet taken by NATS."""
         backlog = 0
         for name, stream in self.broker.streams.items():
-            backlog += max(0, stream.log.next_seq - 1 - self.cursors.get(name, 0))
+            backlog += max(0, stream.log.next_seq - 1 - max(self.cursors.get(name, 0), stream.log.first_seq - 1))
+        return backlog
+
+    def state(self) -> dict[str, Any]:
         return {"nats": "connected" if self.connected else "disconnected", "url": self.config.url,
                 "jetstream": self.config.jetstream, "sent": self.sent, "received": self.received,
-                "backlog": backlog, "dropped_echo": self.dropped_echo, "last_error": self.last_error}
+                "backlog": self.outbox(), "held": self.order.held_count, "reordered": self.order.held_total,
+                "gaps": self.order.gaps, "duplicates": self.order.duplicates, "repaired": self.repaired,
+                "append_failures": self.append_failures,
+                "dropped_echo": self.dropped_echo, "last_error": self.last_error}
 
     # ------------------------------------------------------------------ life cycle
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -117,7 +150,7 @@ class NatsBridge:
             with trio.move_on_after(5):
                 await self._send_pending()
         if self._dirty:
-            self._save_state()
+            await trio.to_thread.run_sync(self.store.write_atomic, CURSORS_FILE, self._state_bytes())
         if self.loop is not None:
             if self.nc is not None:
                 try:
@@ -175,28 +208,45 @@ class NatsBridge:
 
     async def _send_pending(self) -> bool:
         sent_any = False
-        for name, stream in list(self.broker.streams.items()):
-            log_ = stream.log
-            cursor = max(self.cursors.get(name, 0), log_.first_seq - 1)
-            while cursor + 1 < log_.next_seq:
-                batch: list[tuple[str, bytes, dict[str, str]]] = []
-                seq = cursor + 1
-                while seq < log_.next_seq and len(batch) < BATCH:
-                    line = log_.line(seq)
-                    if f'"{ORIGIN_FIELD}":'.encode() not in line or ORIGIN_FIELD not in json.loads(line):
-                        headers = {ORIGIN_HEADER: self.node_id}
-                        if self.config.jetstream:
-                            headers["Nats-Msg-Id"] = f"{self.node_id}:{name}:{seq}"
-                        batch.append((f"{self.prefix}.{name}", line[:-1], headers))
-                    seq += 1
+        for name in list(self.broker.streams):
+            while True:
+                batch, cursor, prev = self._next_batch(name)
+                if cursor == self.cursors.get(name):
+                    break
                 if batch:
+                    # All or nothing: on failure the cursor stays and the same batch (same
+                    # headers, same Msg-Ids) goes again, in order.
                     await self._call(self._publish_batch(batch))
                     self.sent += len(batch)
                     sent_any = True
-                cursor = seq - 1
                 self.cursors[name] = cursor
+                self.last_sent[name] = prev
                 self._dirty = True
         return sent_any
+
+    def _next_batch(self, name: str) -> tuple[list[tuple[str, bytes, dict[str, str]]], int, int]:
+        """Up to BATCH of our own events after the cursor: (messages, new cursor, last seq sent).
+
+        Events retention removed before NATS took them are skipped; ``Kfs-Prev``
+        still names the last one sent, so receivers see no hole in what was sent.
+        """
+        stream = self.broker.streams.get(name)
+        prev = self.last_sent.get(name, 0)
+        if stream is None:
+            return [], self.cursors.get(name, 0), prev
+        log_ = stream.log
+        seq = max(self.cursors.get(name, 0), log_.first_seq - 1) + 1
+        batch: list[tuple[str, bytes, dict[str, str]]] = []
+        while seq < log_.next_seq and len(batch) < BATCH:
+            line = log_.line(seq)
+            if f'"{ORIGIN_FIELD}":'.encode() not in line or ORIGIN_FIELD not in json.loads(line):
+                headers = {ORIGIN_HEADER: self.node_id, SEQ_HEADER: str(seq), PREV_HEADER: str(prev)}
+                if self.config.jetstream:
+                    headers["Nats-Msg-Id"] = f"{self.node_id}:{name}:{seq}"
+                batch.append((f"{self.prefix}.{name}", line[:-1], headers))
+                prev = seq
+            seq += 1
+        return batch, seq - 1, prev
 
     async def _publish_batch(self, batch: list[tuple[str, bytes, dict[str, str]]]) -> None:
         if self.nc is None or not self.nc.is_connected:
@@ -214,61 +264,86 @@ class NatsBridge:
         while True:
             await trio.sleep(1.0)
             if self._dirty:
-                await trio.to_thread.run_sync(self._save_state)
+                await trio.to_thread.run_sync(self.store.write_atomic, CURSORS_FILE, self._state_bytes())
 
     # ------------------------------------------------------------------ inbound (trio side)
-    def _append(self, messages: list[tuple[str, bytes, str]]) -> None:
-        """Append other nodes' events (runs on the trio loop)."""
+    def _append(self, messages: list[Inbound]) -> tuple[list[Any], list[Hole]]:
+        """Take other nodes' events in per-origin order (runs on the trio loop).
+
+        Returns the ack tokens that may be acknowledged now (appended, dropped, or
+        released from the hold) and the holes worth asking JetStream about.
+        """
         prefix = self.prefix + "."
-        for subject, data, origin in messages:
+        acks: list[Any] = []
+        releases: list[Release] = []
+        now = time.monotonic()
+        for subject, data, headers, js_seq, token in messages:
+            origin = headers.get(ORIGIN_HEADER, "") or "?"
+            name = subject[len(prefix):] if subject.startswith(prefix) else ""
+            event = _json_object(data)
             if origin == self.node_id:
                 self.dropped_echo += 1
+                event = None
+            if event is None or not valid_name(name) or name in BUILTIN_STREAMS:
+                acks.append(token)
                 continue
-            name = subject[len(prefix):] if subject.startswith(prefix) else ""
-            if not valid_name(name) or name in BUILTIN_STREAMS:
+            seq = _int(headers.get(SEQ_HEADER), event.get("seq"))
+            if seq is None:  # no way to order or dedupe it: take it as it comes
+                releases.append(Release((token, event), origin, name, 0))
                 continue
-            try:
-                event = json.loads(data)
-            except ValueError:
-                continue
-            if not isinstance(event, dict):
-                continue
-            remote_seq = event.get("seq")
-            if isinstance(remote_seq, int) and self._seen_before(origin or "?", name, remote_seq):
-                continue  # a redelivery
-            try:
-                self.broker.publish(name, event, origin=origin or "?")
-                self.received += 1
-                self._dirty = True
-            except OSError as e:
-                self.last_error = f"append: {e}"
+            prev = _int(headers.get(PREV_HEADER))
+            releases += self.order.offer(origin, name, seq, prev, (token, event), now, js_seq,
+                                         hold=self.config.jetstream)
+        acks += self._apply(releases)
+        return acks, (self.order.holes() if self.order.held else [])
 
-    def _seen_before(self, origin: str, name: str, seq: int) -> bool:
-        """Record ``seq`` of (origin, stream); True if it was taken already.
+    def _expire(self) -> list[Any]:
+        """Give up on holes waited for longer than the hold timeout (trio loop); the acks to send."""
+        return self._apply(self.order.expire(time.monotonic()))
 
-        A watermark (every seq up to it taken) plus the set of seqs taken above
-        it: JetStream may redeliver an unacked message after newer ones, and
-        that one must still get in.
-        """
-        key = f"{origin}/{name}"
-        watermark = self.inbound_seen.setdefault(origin, {}).get(name)
-        above = self._above.setdefault(key, set())
-        if watermark is None:
-            watermark = seq - 1  # first sight: whatever came before is not ours to wait for
-        if seq <= watermark or seq in above:
-            return True
-        above.add(seq)
-        while watermark + 1 in above:
-            watermark += 1
-            above.discard(watermark)
-        if len(above) > 10_000:  # a hole that never fills: give up on it
-            watermark = min(above)
-            above.discard(watermark)
-            while watermark + 1 in above:
-                watermark += 1
-                above.discard(watermark)
-        self.inbound_seen[origin][name] = watermark
-        return False
+    def _apply(self, releases: list[Release]) -> list[Any]:
+        """Append released events, one write per run of the same stream and origin."""
+        acks: list[Any] = []
+        run: list[dict[str, Any]] = []
+        run_key: tuple[str, str] | None = None
+        run_events = 0
+
+        def flush() -> None:
+            nonlocal run_events
+            if run and run_key is not None:
+                try:
+                    self.broker.publish_many(run_key[1], run, origin=run_key[0])
+                    self.received += run_events
+                except OSError:
+                    # One event that cannot be stored here (EFBIG once kfs_origin is added)
+                    # must not take the others with it: one by one.
+                    for event in run:
+                        try:
+                            self.broker.publish(run_key[1], event, origin=run_key[0])
+                            self.received += "gap" not in event or event.get("gap") != "nats"
+                        except OSError as e:
+                            self.append_failures += 1
+                            self.last_error = f"append to {run_key[1]}: {e}"
+            run.clear()
+            run_events = 0
+
+        for release in releases:
+            token, event = release.item
+            acks.append(token)
+            if not release.append:
+                continue
+            key = (release.origin, release.stream)
+            if key != run_key:
+                flush()
+                run_key = key
+            if release.gap is not None:
+                run.append({"gap": "nats", "origin": release.origin,
+                            "from_seq": release.gap[0], "to_seq": release.gap[1]})
+            run.append(event)
+            run_events += 1
+        flush()
+        self._dirty = True
+        return acks
 
     # ------------------------------------------------------------------ asyncio side
     async def _connect_and_consume(self) -> None:
@@ -276,6 +351,12 @@ class NatsBridge:
 
         async def disconnected() -> None:
             self.connected = False
+            # Publishes the client queued but never wrote would go out after the reconnect,
+            # ahead of the retry of earlier ones the dead socket swallowed: NATS would hold
+            # our events out of order.  Drop them; the outbox sends them again, in order.
+            if self.nc is not None and hasattr(self.nc, "_pending"):
+                self.nc._pending = []
+                self.nc._pending_data_size = 0
 
         async def reconnected() -> None:
             self.connected = True
@@ -287,8 +368,10 @@ class NatsBridge:
 
         while not self._stopping:
             try:
+                    # pending_size=0: no client-side buffer while reconnecting; our outbox is the buffer.
                 self.nc = await nats.connect(
                     servers=[self.config.url], token=self.config.token, name=f"kfs-{self.node_id[:8]}",
+                    pending_size=0,
                     allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                     connect_timeout=2, disconnected_cb=disconnected, reconnected_cb=reconnected,
                     error_cb=error,
@@ -323,34 +406,121 @@ class NatsBridge:
                 await asyncio.sleep(1.0)
 
     async def _on_core_message(self, msg: Any) -> None:
-        origin = (msg.headers or {}).get(ORIGIN_HEADER, "")
         assert self._token is not None
-        self._token.run_sync_soon(self._append, [(msg.subject, msg.data, origin)])
+        self._token.run_sync_soon(self._append, [(msg.subject, msg.data, dict(msg.headers or {}), None, None)])
+
+    async def _on_trio(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the trio loop from this asyncio loop, without blocking it."""
+        import trio.from_thread
+
+        return await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(trio.from_thread.run_sync, fn, *args, trio_token=self._token))
+
+    async def _ack(self, tokens: list[Any]) -> None:
+        for m in tokens:
+            if m is None:
+                continue
+            try:
+                await m.ack()
+            except Exception as e:
+                self.last_error = f"ack: {e!r}"
+
+    async def _repair(self, holes: list[Hole], asked: dict[tuple[str, str, int, int], float]) -> None:
+        """Ask JetStream, by sequence, for the messages that a hole is missing.
+
+        JetStream holds one origin's messages of one stream after the last one taken
+        (``after_js``): read that subject onward (bounded) for the origin's seqs in the hole.
+        """
+        import nats.js.errors
+
+        now = time.monotonic()
+        for hole in holes:
+            key = (hole.origin, hole.stream, hole.after_seq, hole.before_seq)
+            if now - asked.get(key, -REPAIR_RETRY) < REPAIR_RETRY:
+                continue  # asked lately: what it lacks is not in JetStream (yet)
+            asked[key] = now
+            subject = f"{self.prefix}.{hole.stream}"
+            found: list[Inbound] = []
+            js_seq = hole.after_js + 1
+            for _ in range(REPAIR_SCAN):
+                try:
+                    raw = await self.js.get_msg(self.js_stream, seq=js_seq, subject=subject, next=True)
+                except nats.js.errors.NotFoundError:
+                    break  # the end of the stream
+                if raw.seq is None:
+                    break
+                js_seq = raw.seq + 1
+                headers = dict(raw.headers or {})
+                seq = _int(headers.get(SEQ_HEADER))
+                if headers.get(ORIGIN_HEADER) != hole.origin or seq is None:
+                    continue
+                if hole.after_seq < seq < hole.before_seq:
+                    found.append((raw.subject or subject, raw.data or b"", headers, raw.seq, None))
+                    if seq == hole.need_seq:
+                        break
+            if found:
+                self.repaired += len(found)
+                acks, _ = await self._on_trio(self._append, found)
+                await self._ack(acks)
 
     async def _consume_jetstream(self) -> None:
         import nats.errors
-        import trio.from_thread
 
         sub = None
+        asked: dict[tuple[str, str, int, int], float] = {}
         while not self._stopping:
+            if self.order.held:
+                await self._ack(await self._on_trio(self._expire))
             try:
                 if sub is None:
                     sub = await self.js.pull_subscribe(f"{self.prefix}.>", durable=f"kfs-{self.node_id}",
                                                        stream=self.js_stream)
-                msgs = await sub.fetch(BATCH, timeout=5)
+                msgs = await sub.fetch(BATCH, timeout=2 if self.order.held else 5)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except Exception as e:
                 self.last_error = f"jetstream fetch: {e!r}"
                 await asyncio.sleep(0.5)
                 continue
-            items = [(m.subject, m.data, (m.headers or {}).get(ORIGIN_HEADER, "")) for m in msgs]
-            token = self._token
-            # Append on the trio loop (from a worker thread, so this loop keeps running), then ack.
-            await asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(trio.from_thread.run_sync, self._append, items, trio_token=token))
-            for m in msgs:
+            items: list[Inbound] = [(m.subject, m.data, dict(m.headers or {}), _stream_seq(m), m) for m in msgs]
+            # Append on the trio loop, then ack what is in (held messages are acked once released).
+            acks, holes = await self._on_trio(self._append, items)
+            await self._ack(acks)
+            if holes:
                 try:
-                    await m.ack()
+                    await self._repair(holes, asked)
                 except Exception as e:
-                    self.last_error = f"ack: {e!r}"
+                    self.last_error = f"jetstream repair: {e!r}"
+            if len(asked) > 1000:
+                asked.clear()
+
+
+def _stream_seq(msg: Any) -> int | None:
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:
+        return None
+
+
+def _int(*values: Any) -> int | None:
+    """The first of ``values`` that is an integer (or a string of one)."""
+    for value in values:
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+    return None
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _nested_ints(data: Any) -> dict[str, dict[str, int]]:
+    return {str(o): {str(s): int(q) for s, q in v.items()} for o, v in data.items()}

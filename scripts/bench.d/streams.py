@@ -5,6 +5,9 @@
 (b) WebSocket: delivery rate to one subscriber; p50/p99 latency publish -> subscriber
     at 1,000 events/s (publisher and subscriber are websockets clients in this process)
 (c) the same through nats-server directly with nats-py (core pub/sub)
+(d) the NATS bridge: events written to a stream file on kfs mount a, delivered to a `cat`
+    reader of that stream on kfs mount b through nats-server (core and JetStream), beside
+    nats-py pub -> sub and JetStream publish -> pull consumer (--no-bridge skips it)
 
 Not a test: it prints figures and fails on nothing slow.
 Usage: scripts/bench streams [--events N] [--readers N]
@@ -226,10 +229,115 @@ async def _nats_run(url: str, events: int, readers: int) -> dict[str, float]:
     return out
 
 
+def _wait_bridge_connected(mount: Path) -> None:
+    for _ in range(300):
+        state = json.loads(kfs("status", str(mount), "--json"))["areas"]["streams"].get("nats", {})
+        if state.get("nats") == "connected":
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"{mount}: the NATS bridge never connected")
+
+
+def bridge_figures(events: int, workdir: Path) -> dict[str, float]:
+    """kfs a -> nats-server -> kfs b, file writer to file reader, core and JetStream."""
+    binary = Path(sys.executable).parent / "nats-server"
+    server_bin = str(binary) if binary.exists() else shutil.which("nats-server")
+    if not server_bin:
+        return {}
+    port = free_port()
+    proc = subprocess.Popen([server_bin, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(workdir / "nats")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"nats://127.0.0.1:{port}"
+    out: dict[str, float] = {}
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        for mode in ("core", "jetstream"):
+            mounts = []
+            try:
+                for node in ("a", "b"):
+                    root = workdir / f"bridge-{mode}-{node}"
+                    (root / "mnt").mkdir(parents=True)
+                    (root / "config").mkdir()
+                    (root / "config" / "streams.yaml").write_text(json.dumps({
+                        "websocket": {"enabled": False}, "metrics_interval": "0s", "max_events": 1_000_000,
+                        "reader_max_lag": 10_000_000,
+                        "max_mb": 1024, "nats": {"url": url, "jetstream": mode == "jetstream"}}))
+                    kfs("mount", str(root / "mnt"), "--store", str(root / "store"), "--config", str(root / "config"))
+                    mounts.append(root / "mnt")
+                for mount in mounts:
+                    _wait_bridge_connected(mount)
+                time.sleep(0.5)  # subscriptions in place
+                received = mounts[1] / "streams" / "bridged"
+                received.touch()
+                sink = workdir / f"bridge-{mode}.out"
+                reader = subprocess.Popen(["cat", str(received)], stdout=open(sink, "wb"))
+                time.sleep(0.3)
+                start = time.perf_counter()
+                file_publish(mounts[0] / "streams" / "bridged", events, 100)
+                deadline = time.monotonic() + 180
+                while count_lines(sink) < events and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                got = count_lines(sink)
+                out[mode] = got / (time.perf_counter() - start)
+                reader.terminate()
+                reader.wait()
+                if got < events:
+                    print(f"bridge {mode}: only {got} of {events} events arrived", file=sys.stderr)
+            finally:
+                for mount in mounts:
+                    kfs("umount", str(mount))
+        out["nats_jetstream"] = asyncio.run(_jetstream_run(url, events))
+    finally:
+        proc.kill()
+        proc.wait()
+    return out
+
+
+async def _jetstream_run(url: str, events: int) -> float:
+    """nats-py: JetStream publish (async, acked) -> durable pull consumer, end to end."""
+    import nats
+
+    pub = await nats.connect(url)
+    sub_nc = await nats.connect(url)
+    js = pub.jetstream()
+    await js.add_stream(name="BENCH", subjects=["benchjs"])
+    sub = await sub_nc.jetstream().pull_subscribe("benchjs", durable="bench", stream="BENCH")
+    got = 0
+
+    async def consume() -> None:
+        nonlocal got
+        while got < events:
+            try:
+                msgs = await sub.fetch(512, timeout=2)
+            except Exception:
+                continue
+            for m in msgs:
+                await m.ack()
+            got += len(msgs)
+
+    start = time.perf_counter()
+    consumer = asyncio.create_task(consume())
+    for base in range(0, events, 512):
+        acks = [await js.publish_async("benchjs", event_line(i)[:-1], wait_stall=5)
+                for i in range(base, min(events, base + 512))]
+        await asyncio.gather(*acks)
+    await asyncio.wait_for(consumer, 180)
+    rate = events / (time.perf_counter() - start)
+    await sub_nc.close()
+    await pub.close()
+    return rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--readers", type=int, default=20)
+    parser.add_argument("--no-bridge", action="store_true", help="skip the NATS bridge figures")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="kfs-bench-streams-"))
     mount, store, config = workdir / "mnt", workdir / "store", workdir / "config"
@@ -251,12 +359,17 @@ def main() -> None:
         ws_file = websocket_from_file(mount, port, token, n)
         ws_rate, ws_p50, ws_p99 = websocket_figures(port, token, n)
         nats = nats_figures(n, args.readers)
+        bridge = {} if args.no_bridge else bridge_figures(n, workdir)
         rows.append(("publish, 1 event per write", one, None))
         rows.append(("publish, 100 events per write", hundred, nats.get("publish")))
         rows.append(("publish -> 1 reader (file / NATS sub)", d1, nats.get("deliver_1")))
         rows.append((f"publish -> {args.readers} readers, each all", d20, nats.get(f"deliver_{args.readers}")))
         rows.append(("file publish -> 1 WebSocket subscriber", ws_file, nats.get("deliver_1")))
         rows.append(("WebSocket publish -> 1 WebSocket subscriber", ws_rate, nats.get("deliver_1")))
+        if bridge:
+            rows.append(("NATS bridge: file on a -> cat on b, core", bridge["core"], nats.get("deliver_1")))
+            rows.append(("NATS bridge: file on a -> cat on b, JetStream", bridge["jetstream"],
+                         bridge.get("nats_jetstream")))
         print(f"\nstreams/ benchmark, {n} events of ~{len(event_line(0))} bytes ({os.cpu_count()} CPUs)\n")
         print(f"{'workload':<44} {'kfs ev/s':>12} {'NATS ev/s':>12} {'kfs/NATS':>9}")
         for label, value, base in rows:
