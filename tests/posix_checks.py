@@ -146,3 +146,39 @@ def an_unlinked_open_file_still_fstats_after_the_attribute_cache_expires(d: Path
 @check
 def long_names_get_enametoolong(d: Path) -> None:
     expect_errno(errno.ENAMETOOLONG, lambda: open(d / ("x" * 256), "wb"))
+
+
+@check
+def stat_sees_size_and_mtime_of_a_write_through_another_descriptor(d: Path) -> None:
+    # kfs lets the kernel cache attributes for long where it invalidates every change:
+    # a stat taken before the write must not be what a stat after it sees
+    (d / "f").write_bytes(b"abc")
+    os.utime(d / "f", ns=(1_000_000_000, 1_000_000_000))
+    assert os.stat(d / "f").st_size == 3
+    fd = os.open(d / "f", os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"defg")
+        assert os.stat(d / "f").st_size == 7  # before close too
+    finally:
+        os.close(fd)
+    st = os.stat(d / "f")
+    assert st.st_size == 7 and st.st_mtime_ns > 1_000_000_000
+    os.truncate(d / "f", 2)
+    assert os.stat(d / "f").st_size == 2 and (d / "f").read_bytes() == b"ab"
+
+
+@check
+def a_reopened_file_reads_what_was_last_written(d: Path) -> None:
+    # read-only opens may keep the kernel's page cache: every write path must drop it
+    (d / "f").write_bytes(b"1" * 9000)
+    assert (d / "f").read_bytes() == b"1" * 9000
+    with open(d / "f", "r+b", buffering=0) as f:
+        f.seek(4096)
+        f.write(b"2" * 10)
+    assert (d / "f").read_bytes() == b"1" * 4096 + b"2" * 10 + b"1" * (9000 - 4106)
+    (d / "g").write_bytes(b"3" * 5)
+    os.rename(d / "g", d / "f")
+    assert (d / "f").read_bytes() == b"33333"
+    with open(d / "f", "ab") as f:
+        f.write(b"4")
+    assert (d / "f").read_bytes() == b"333334"

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -198,3 +199,85 @@ def test_init_on_a_terminal_asks_twice(tmp_path: Path) -> None:
     assert code == 0, out
     kf = keyfile.load(StoreDir.open(str(tmp_path / "s" / "vault")))
     assert kf is not None and kf.unwrap(b"same")
+
+
+class KernelRecorder:
+    """A KernelCache that records what the area asks of the kernel (no FUSE here).
+
+    It has the optional ``store`` hook (push plaintext into the page cache), so the
+    rules around it are tested whether or not the core's notifier grows one.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def invalidate(self, area: str, path: str, attr_only: bool = False) -> None:
+        self.calls.append(("invalidate", path, attr_only))
+
+    def invalidate_entry(self, area: str, parent: str, name: str) -> None:
+        self.calls.append(("entry", parent, name))
+
+    def store(self, area: str, path: str, offset: int, data: Any) -> None:
+        self.calls.append(("store", path, offset, bytes(data)))
+
+
+def test_reads_fill_the_page_cache_only_while_nothing_changed(tmp_path: Path) -> None:
+    async def main() -> None:
+        area, _ = make_area(tmp_path / "vault")  # 4 KiB chunks
+        kernel = KernelRecorder()
+        area.kernel = kernel
+        async with trio.open_nursery() as nursery:
+            await area.start(nursery)
+            data = os.urandom(4096 * 6 + 100)
+            await put(area, "f", data)
+            # 4 KiB chunks: a page-sized read leaves nothing of its chunk to push
+            handle = await area.open("f", os.O_RDONLY, Ctx())
+            assert await area.read(handle, 4096, 4096) == data[4096:8192]
+            # the first read of a chunk only remembers it (a cold pass gains nothing from a push)
+            assert await area.read(handle, 8192, 1000) == data[8192:9192]
+            assert not [c for c in kernel.calls if c[0] == "store"]
+            # coming back to a chunk after it left the handle's small cache: the rest is pushed
+            for index in (0, 1, 3, 4, 5):
+                await area.read(handle, index * 4096, 100)
+            assert await area.read(handle, 8192 + 1000, 1000) == data[9192:10192]
+            stores = [c for c in kernel.calls if c[0] == "store"]
+            assert stores == [("store", "f", 8192, data[8192:9192]), ("store", "f", 10192, data[10192:12288])]
+            assert await area.read(handle, 8192, 1000) == data[8192:9192]  # cached: no second push
+            assert len([c for c in kernel.calls if c[0] == "store"]) == 2
+            # a change anywhere (here a commit to the same file) stops older handles pushing:
+            # their snapshot may be older than what the page cache must hold
+            await put(area, "f", b"new")
+            kernel.calls.clear()
+            assert await area.read(handle, 0, 10) == data[:10]  # still its snapshot
+            assert not [c for c in kernel.calls if c[0] == "store"]
+            await area.release(handle)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_lock_drops_decrypted_chunks_and_invalidates_every_file(tmp_path: Path) -> None:
+    async def main() -> None:
+        area, _ = make_area(tmp_path / "vault")
+        kernel = KernelRecorder()
+        area.kernel = kernel
+        async with trio.open_nursery() as nursery:
+            await area.start(nursery)
+            await area.mkdir("d", 0o700, Ctx())
+            await put(area, "d/a", b"secret-a" * 100)
+            await put(area, "b", b"secret-b")
+            handle = await area.open("b", os.O_RDONLY, Ctx())
+            assert await area.read(handle, 0, 100) == b"secret-b"
+            assert handle.view is not None and handle.view.source._cache  # decrypted chunk kept
+            kernel.calls.clear()
+            await area.control("lock", {})
+            assert not handle.view.source._cache
+            assert {c[1] for c in kernel.calls if c[0] == "invalidate" and not c[2]} == {"d/a", "b"}
+            with pytest.raises(PermissionError):
+                await area.read(handle, 0, 100)
+            await area.control("unlock", {"passphrase": "pw"})
+            assert await area.read(handle, 0, 100) == b"secret-b"
+            await area.release(handle)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

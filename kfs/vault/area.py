@@ -51,8 +51,12 @@ PLAN_FILE = "plan.json"
 FAILURE_DELAY = 0.5
 #: working copies of files bigger than this are started in a thread
 INLINE_COPY_LIMIT = 1 << 20
+#: decoded file headers kept (a few hundred bytes each)
+HEADER_CACHE = 4096
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+#: the largest file that ``vault.read_secret`` hands out (it decrypts on the trio loop)
+SECRET_MAX = 1 << 20
 
 
 def hidden(name: str) -> bool:
@@ -63,12 +67,18 @@ def hidden(name: str) -> bool:
 class VaultHandle(Handle):
     working: WorkingFile | None = None
     view: ReaderView | None = None
+    #: the vault's change counter when this handle was opened (see VaultArea._changed)
+    generation: int = -1
 
 
 class VaultArea(Area):
     name = "vault"
-    entry_timeout = 1.0
-    attr_timeout = 1.0
+    # Every change to vault/ goes through this area (the store is kfs's own), and each one
+    # that the kernel does not see by itself is invalidated: a commit (size, mtime, data),
+    # a truncate by path, a restore (by the snapshot code).  So the kernel may keep names
+    # and attributes for long; `stat` loops and `ls -l` then cost no request.
+    entry_timeout = 30.0
+    attr_timeout = 30.0
 
     def __init__(self, bus: Bus, store: StoreDir, config: VaultConfig, opts: Any) -> None:
         super().__init__(bus)
@@ -79,6 +89,14 @@ class VaultArea(Area):
         self._locks: dict[int, trio.Lock] = {}
         self._ns_lock = trio.Lock()
         self._chunk_sizes: dict[tuple[int, int, int], int] = {}
+        #: decoded headers by their raw bytes (validated by comparing them, so never stale)
+        self._headers: dict[bytes, Header] = {}
+        #: open handles, so a lock can drop the plaintext they cache
+        self.handles: dict[int, VaultHandle] = {}
+        #: bumped by every change to any vault file or name (commit, writer open, truncate,
+        #: rename, unlink, restore, lock): a reader opened since the last change reads what
+        #: the page cache may hold, so it may fill the page cache beyond its request
+        self.generation = 0
         self._passphrase: bytearray | None = getattr(opts, "passphrase", None)
         self.is_root = os.geteuid() == 0
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=32)
@@ -111,6 +129,7 @@ class VaultArea(Area):
                 self._remove_orphans(rel)
 
     async def start(self, nursery: trio.Nursery) -> None:
+        self._unprovide = self.bus.provide("vault.read_secret", self.read_secret)  # kfs/bus.py
         passphrase, self._passphrase = self._passphrase, None
         if passphrase is not None:
             try:
@@ -122,8 +141,11 @@ class VaultArea(Area):
         nursery.start_soon(self._idle_watch)
 
     async def stop(self) -> None:
+        self.__dict__.pop("_unprovide", lambda: None)()
         await self._commit_all()
-        if self.state.lock():
+        # the kernel's caches of this mount go with it: nothing to invalidate (and the
+        # session may already be gone, where an invalidation would only wait)
+        if await self._lock(tell_kernel=False):
             self._publish("vault_locked", {"reason": "unmount"}, "vault")
 
     async def _idle_watch(self) -> None:
@@ -131,7 +153,7 @@ class VaultArea(Area):
             timeout = self.state.auto_lock_timeout
             await trio.sleep(min(1.0, timeout / 4) if timeout > 0 else 1.0)
             if self.state.should_auto_lock():
-                self.state.lock()
+                await self._lock()
                 self.count("auto_locks")
                 log.info("vault auto-locked after %.0fs idle", timeout)
                 self._publish("vault_locked", {"reason": "idle", "idle_s": timeout}, "vault")
@@ -165,6 +187,92 @@ class VaultArea(Area):
         self.bus.publish(topic, data, source)
 
     # ------------------------------------------------------------------ keys
+    def read_secret(self, path: str) -> bytes:
+        """Bus service ``vault.read_secret``: the plaintext of vault file ``path``, for another area
+        (the vectors embedder's API key).  PermissionError while locked, FileNotFoundError if absent.
+
+        Runs on the trio loop (the key state is the loop's: a lock may wipe it at any await, and
+        must never wipe it under a decrypt in a thread); a secret is small (one read and decrypt,
+        at most SECRET_MAX bytes), so this does not hold the loop for long.  It reads the committed
+        file and does not reset the idle clock: a service reading its key must not keep the vault
+        unlocked forever.
+        """
+        parts = path.strip("/").split("/")
+        if any(part in ("", ".", "..") or hidden(part) for part in parts):
+            raise FileNotFoundError(errno.ENOENT, "no such vault file", path)
+        if self.state.core is None:
+            raise PermissionError(errno.EACCES, "the vault is locked", path)
+        rel = "/".join(parts)
+        if stat.S_ISDIR(self.store.stat(rel).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a directory, not a secret", path)
+        try:
+            view = ReaderView(self.store.open_fd(rel, os.O_RDONLY | os.O_NOFOLLOW), self._core)
+        except FormatError as e:
+            raise self._integrity(rel, e) from None
+        try:
+            if view.size > SECRET_MAX:
+                raise OSError(errno.EFBIG, f"a secret is at most {SECRET_MAX} bytes", path)
+            self.count("secrets_served")
+            return view.read(0, view.size)
+        except ChunkError as e:
+            raise self._integrity(rel, e) from None
+        finally:
+            view.close()
+
+    async def _lock(self, tell_kernel: bool = True) -> bool:
+        """Wipe the key and every plaintext copy kfs controls; True if it was unlocked.
+
+        The key goes first (synchronously: no await between a lock decision and the
+        wipe).  Then the decrypted chunks that open handles and writers keep, then the
+        kernel's page cache of every vault file: an fd opened before the lock must not
+        read plaintext from the page cache afterwards (reads reach us, and fail with
+        EACCES).  Returns once the kernel has been told, so `kfs vault lock` means it.
+        """
+        if not self.state.lock():
+            return False
+        self._changed()
+        for handle in list(self.handles.values()):
+            if handle.view is not None:
+                handle.view.forget()
+        for writer in self.writers.values():
+            writer.source.forget()
+        invalidate_area = getattr(self.kernel, "invalidate_area", None)
+        if not tell_kernel:
+            pass
+        elif callable(invalidate_area):
+            # the core knows every inode of ours, unlinked-but-open ones too
+            invalidate_area(self.name)
+            await self._kernel_settled()
+        elif self.kernel is not None:
+            try:
+                paths = set(await trio.to_thread.run_sync(self._ciphertext_files, False))
+            except OSError as e:
+                log.warning("vault lock: could not list files to invalidate: %s", e)
+                paths = set()
+            paths.update(handle.path for handle in self.handles.values())
+            paths.update(self.writers)
+            for path in paths:
+                self.kernel.invalidate(self.name, path)
+            await self._kernel_settled()
+        return True
+
+    async def _kernel_settled(self, limit: float = 2.0) -> None:
+        """Wait (bounded) until the kernel notifier has sent what we queued.
+
+        Uses the notifier's ``drain``; with a KernelCache that has none, watches its queue if any.
+        """
+        drain = getattr(self.kernel, "drain", None)
+        if callable(drain):
+            await trio.to_thread.run_sync(drain, limit)
+            return
+        pending = getattr(self.kernel, "_queue", None)
+        if pending is None or not getattr(self.kernel, "active", False):
+            return
+        deadline = time.monotonic() + limit
+        while not pending.empty() and time.monotonic() < deadline:
+            await trio.sleep(0.002)
+        await trio.sleep(0.005)  # the last item taken off the queue is being sent
+
     def _core(self) -> CryptoCore:
         core = self.state.core
         if core is None:
@@ -213,7 +321,7 @@ class VaultArea(Area):
             return {"state": "unlocked", "mlocked": self.state.mlocked}
         if command == "lock":
             await self._commit_all()
-            if self.state.lock():
+            if await self._lock():
                 self.count("locks")
                 self._publish("vault_locked", {"reason": "cli"}, "vault")
             return {"state": "locked"}
@@ -281,7 +389,12 @@ class VaultArea(Area):
         attr = Attr.from_stat(st)
         if stat.S_ISREG(st.st_mode):
             writer = self.writers.get(path)
-            attr.size = writer.size if writer is not None else self._plain_size(path, st)
+            if writer is None:
+                attr.size = self._plain_size(path, st)
+            else:
+                attr.size = writer.size
+                if writer.last_write_ns is not None:  # what the commit will set (see WorkingFile)
+                    attr.mtime_ns = attr.ctime_ns = writer.last_write_ns
             attr.nlink = 1
         return attr
 
@@ -323,6 +436,7 @@ class VaultArea(Area):
             writer = self.writers.get(path)
             if writer is not None and writer.is_dirty:
                 writer.pending_times = times
+                writer.last_write_ns = None
         return await self.getattr(path)
 
     async def _truncate(self, path: str, size: int, handle: Handle | None) -> None:
@@ -352,6 +466,7 @@ class VaultArea(Area):
         return lock
 
     def _open_writer(self, path: str) -> WorkingFile:
+        self._changed()
         writer = self.writers.get(path)
         if writer is None:
             try:
@@ -392,6 +507,7 @@ class VaultArea(Area):
             except (ChunkError, IntegrityError) as e:
                 raise self._integrity(writer.path, e) from None
         if changed:
+            self._changed()
             self.count("commits")
             if self.kernel is not None and not writer.detached:
                 self.kernel.invalidate(self.name, writer.path)
@@ -408,10 +524,19 @@ class VaultArea(Area):
         self._check(path)
         self._core()
         self.state.touch()
-        if stat.S_ISDIR(self.store.stat(path).st_mode):
-            raise fs_error(errno.EISDIR)
         handle = VaultHandle(path, flags)
-        if handle.writable:
+        if not handle.writable:
+            # the common case (a secret read again and again) costs: open, fstat, one
+            # 192-byte pread; the header's JSON is decoded once per file version
+            handle.view = self._reader(path)
+            # while someone writes, this reader's snapshot must not land in the page cache
+            # that the writer reads back from: it bypasses it
+            handle.keep_cache = path not in self.writers
+            handle.direct_io = not handle.keep_cache
+            handle.generation = self.generation
+        elif stat.S_ISDIR(self.store.stat(path).st_mode):
+            raise fs_error(errno.EISDIR)
+        else:
             handle.working = self._open_writer(path)
             if flags & os.O_TRUNC:
                 try:
@@ -420,15 +545,30 @@ class VaultArea(Area):
                 except BaseException:
                     self._drop_writer(handle.working)
                     raise
-        else:
-            fd = self.store.open_fd(path, os.O_RDONLY)
-            try:
-                handle.view = ReaderView(fd, self._core)
-            except FormatError as e:
-                raise self._integrity(path, e) from None
-            handle.keep_cache = path not in self.writers
         self.state.open_files += 1
+        self.handles[id(handle)] = handle
         return handle
+
+    def _reader(self, path: str) -> ReaderView:
+        fd = self.store.open_fd(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise fs_error(errno.EISDIR)
+            raw = os.pread(fd, HEADER_SIZE, 0)
+            header = self._headers.get(raw)
+            if header is None:
+                header = Header.decode(raw)
+                if len(self._headers) >= HEADER_CACHE:
+                    del self._headers[next(iter(self._headers))]
+                self._headers[raw] = header
+        except FormatError as e:
+            os.close(fd)
+            raise self._integrity(path, e) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return ReaderView(fd, self._core, header, st)
 
     async def create(self, path: str, mode: int, flags: int, ctx: Ctx) -> Handle:
         parent, _, name = path.rpartition("/")
@@ -459,16 +599,39 @@ class VaultArea(Area):
 
     async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         assert isinstance(handle, VaultHandle)
+        if self.state.core is None:  # locked: nothing decrypted is served, cached or not
+            raise fs_error(errno.EACCES, "vault is locked")
         self.state.touch()
         try:
             if handle.view is not None:
-                return handle.view.read_buffer(offset, size)  # type: ignore[return-value]
+                data = handle.view.read_buffer(offset, size)
+                if handle.generation == self.generation:
+                    self._fill_page_cache(handle, offset, len(data))
+                return data  # type: ignore[return-value]
             assert handle.working is not None
             # a commit may be sealing this file in a worker thread: wait for it
             async with self._lock_of(handle.working):
                 return handle.working.read(offset, size)
         except ChunkError as e:
             raise self._integrity(handle.path, e) from None
+
+    def _fill_page_cache(self, handle: VaultHandle, offset: int, length: int) -> None:
+        """Give the kernel the rest of a chunk this read just decrypted (a no-op without the hook).
+
+        Only for handles opened since the last change (`generation`) and with no writer on
+        the path: their data is what the page cache should hold.  The hook queues the store
+        in the same FIFO as invalidations, so an invalidation queued by a later change
+        always lands after it.
+        """
+        store = getattr(self.kernel, "store", None)
+        if store is None or not handle.keep_cache or handle.view is None:
+            return
+        for at, piece in handle.view.rest_of_chunk(offset, length):
+            store(self.name, handle.path, at, piece)
+            self.count("pages_pushed", (len(piece) + 4095) // 4096)
+
+    def _changed(self) -> None:
+        self.generation += 1
 
     async def write(self, handle: Handle, offset: int, data: bytes) -> int:
         assert isinstance(handle, VaultHandle)
@@ -498,6 +661,7 @@ class VaultArea(Area):
         assert isinstance(handle, VaultHandle)
         self.state.open_files = max(0, self.state.open_files - 1)
         self.state.touch()
+        self.handles.pop(id(handle), None)
         if handle.view is not None:
             handle.view.close()
             handle.view = None
@@ -524,11 +688,13 @@ class VaultArea(Area):
         self._check(path)
         async with self._ns_lock:
             self.store.rmdir(path)
+            self._changed()
 
     async def unlink(self, path: str) -> None:
         self._check(path)
         async with self._ns_lock:
             self.store.unlink(path)
+            self._changed()
             writer = self.writers.pop(path, None)
             if writer is not None:
                 writer.detached = True
@@ -545,6 +711,7 @@ class VaultArea(Area):
             if flags & RENAME_NOREPLACE and self.store.exists(new):
                 raise fs_error(errno.EEXIST)
             self.store.rename(old, new)
+            self._changed()
             replaced = self.writers.pop(new, None)
             if replaced is not None:
                 replaced.detached = True
@@ -585,8 +752,9 @@ class VaultArea(Area):
         await self._commit_all()
         async with self._ns_lock:
             changed = await trio.to_thread.run_sync(self._restore_files, source, names)
+            self._changed()
         self._chunk_sizes.clear()
-        if KEY_FILE in names and self.state.lock():
+        if KEY_FILE in names and await self._lock():
             # the snapshot's key may differ: ask for the passphrase again
             self._publish("vault_locked", {"reason": "restore"}, "vault")
         return changed

@@ -22,7 +22,7 @@ import errno
 import os
 import secrets
 import stat
-from collections import OrderedDict
+import time
 
 from kfs.store import StoreDir
 from kfs.vault.contentenc import (
@@ -68,13 +68,23 @@ def read_header(fd: int) -> Header:
 
 
 class ChunkSource:
-    """Decrypts chunks of one ciphertext fd, with a tiny cache for random reads."""
+    """Decrypts chunks of one ciphertext fd, keeping the last few for reads that come back.
+
+    The hot paths are short on purpose: one FUSE read is one call here, and every
+    Python line costs on the request's critical path.  A read inside one chunk
+    is one dict lookup, one pread, one decrypt (the chunk is returned as the
+    ``bytes`` the cipher made, no further copy).
+    """
 
     def __init__(self, fd: int, header: Header, core_getter: object) -> None:
         self.fd = fd
         self.header = header
         self._core = core_getter  # callable -> CryptoCore (raises EACCES when locked)
-        self._cache: OrderedDict[int, memoryview] = OrderedDict()
+        self._cache: dict[int, bytes | memoryview] = {}  # insertion order = age (oldest first)
+        self._file_id = header.file_id
+        self._stride = header.stride
+        #: the index of the chunk `chunk` last decrypted (not served from the cache)
+        self.decrypted = -1
 
     def core(self) -> CryptoCore:
         return self._core()  # type: ignore[operator]
@@ -82,55 +92,94 @@ class ChunkSource:
     def forget(self) -> None:
         self._cache.clear()
 
+    def _keep(self, index: int, plain: bytes | memoryview) -> None:
+        cache = self._cache
+        cache[index] = plain
+        if len(cache) > CACHE_CHUNKS:
+            del cache[next(iter(cache))]
+
+    def chunk(self, index: int, length: int, last: bool) -> bytes | memoryview:
+        """The plaintext of chunk ``index`` (``length`` bytes, sealed with flag ``last``)."""
+        hit = self._cache.get(index)
+        if hit is not None and len(hit) == length:
+            return hit
+        core = self.core()  # EACCES when locked, before any I/O
+        self.decrypted = index
+        start = HEADER_SIZE + index * self._stride
+        blob = os.pread(self.fd, length + OVERHEAD, start)
+        if len(blob) != length + OVERHEAD:
+            raise ChunkError(index, "missing bytes")
+        aad = self._file_id + index.to_bytes(8, "big") + (b"\x01" if last else b"\x00")
+        try:
+            plain = core.open(blob, aad)
+        except IntegrityError as e:
+            raise ChunkError(index, str(e)) from None
+        self._keep(index, plain)
+        return plain
+
     def decrypt_range(self, first: int, last: int, lengths: list[int], flags: list[bool]) -> list[memoryview]:
         """Chunks first..last-1 (their plaintext lengths and last flags given), one pread.
 
         Chunks decrypted together land side by side in one buffer (views of it are
         returned), so a caller wanting the whole range can answer with a view of it.
         """
-        found = {i: self._cache[i] for i in range(first, last) if i in self._cache}
+        cache = self._cache
+        found: dict[int, memoryview] = {
+            i: memoryview(cache[i]) for i in range(first, last) if i in cache and len(cache[i]) == lengths[i - first]}
         todo = [i for i in range(first, last) if i not in found]
         if todo:
+            core = self.core()
             plain_buf = memoryview(bytearray(sum(lengths[i - first] for i in todo)))
             pos = 0
-            start = self.header.chunk_offset(todo[0])
-            end = self.header.chunk_offset(todo[-1]) + lengths[todo[-1] - first] + OVERHEAD
+            start = HEADER_SIZE + todo[0] * self._stride
+            end = HEADER_SIZE + todo[-1] * self._stride + lengths[todo[-1] - first] + OVERHEAD
             blob = memoryview(os.pread(self.fd, end - start, start))
-            core = self.core()
+            file_id = self._file_id
             for i in todo:
-                off = self.header.chunk_offset(i) - start
-                piece = blob[off:off + lengths[i - first] + OVERHEAD]  # a view: no copy
-                if len(piece) != lengths[i - first] + OVERHEAD:
+                length = lengths[i - first]
+                off = HEADER_SIZE + i * self._stride - start
+                piece = blob[off:off + length + OVERHEAD]  # a view: no copy
+                if len(piece) != length + OVERHEAD:
                     raise ChunkError(i, "missing bytes")
-                plain = plain_buf[pos:pos + lengths[i - first]]
+                plain = plain_buf[pos:pos + length]
+                aad = file_id + i.to_bytes(8, "big") + (b"\x01" if flags[i - first] else b"\x00")
                 try:
-                    core.open_into(piece, self.header.aad(i, flags[i - first]), plain)
+                    core.open_into(piece, aad, plain)
                 except IntegrityError as e:
                     raise ChunkError(i, str(e)) from None
                 found[i] = plain
-                pos += len(plain)
+                pos += length
             # keep only the tail: what the next small read most likely wants again
             for i in todo[-CACHE_CHUNKS:]:
-                self._cache[i] = found[i]
-            while len(self._cache) > CACHE_CHUNKS:
-                self._cache.popitem(last=False)
+                self._keep(i, found[i])
         return [found[i] for i in range(first, last)]
 
 
 class ReaderView:
-    """A read-only handle's view: the committed file as it was at open."""
+    """A read-only handle's view: the committed file as it was at open.
 
-    def __init__(self, fd: int, core_getter: object) -> None:
+    ``header`` and ``st`` (the fd's fstat) may come from the caller's caches: a
+    secret opened again and again then costs no header read or JSON decode.
+    """
+
+    def __init__(self, fd: int, core_getter: object, header: Header | None = None,
+                 st: os.stat_result | None = None) -> None:
         self.fd = fd
         try:
-            header = read_header(fd)
+            if header is None:
+                header = read_header(fd)
+            length = (st or os.fstat(fd)).st_size
         except (FormatError, OSError):
             os.close(fd)
             raise
-        length = os.fstat(fd).st_size
+        self.header = header
         self.well_formed = is_well_formed_length(length, header.chunk_size)
         self.size = plain_size(length, header.chunk_size)
+        self._cs = header.chunk_size
+        self._n_chunks = chunk_count(self.size, header.chunk_size)
         self.source = ChunkSource(fd, header, core_getter)
+        #: one bit per chunk: decrypted for this handle before (see `rest_of_chunk`)
+        self._seen: bytearray | None = None
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self.read_buffer(offset, size))
@@ -138,10 +187,62 @@ class ReaderView:
     def read_buffer(self, offset: int, size: int) -> bytes | memoryview:
         """`read` without the final copy (FUSE replies take any buffer)."""
         if not self.well_formed:
-            raise ChunkError(chunk_count(self.size, self.source.header.chunk_size) - 1, "truncated or torn file")
-        return read_plain(self.source, self.size, offset, size, lambda i, n: i == n - 1)
+            raise ChunkError(self._n_chunks - 1, "truncated or torn file")
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        cs = self._cs
+        index = offset // cs
+        if (end - 1) // cs != index:
+            return read_plain(self.source, self.size, offset, size, lambda i, n: i == n - 1)
+        # inside one chunk (random reads, small files): no lists, no join
+        last = index == self._n_chunks - 1
+        base = index * cs
+        plain = self.source.chunk(index, self.size - base if last else cs, last)
+        if offset == base and end - base == len(plain):
+            return plain
+        return memoryview(plain)[offset - base:end - base]
+
+    def forget(self) -> None:
+        """Drop decrypted chunks (the vault was locked)."""
+        self.source.forget()
+
+    def rest_of_chunk(self, offset: int, length: int) -> list[tuple[int, memoryview]]:
+        """The parts of the chunk a read at ``offset`` has just decrypted that it did not return.
+
+        A random read pays for decrypting its whole chunk (GCM authenticates chunks, not
+        pages); handing the rest to the kernel's page cache makes the next reads in that
+        chunk free.  Empty unless the read was inside one chunk and decrypted it just now,
+        and only from the second time a chunk is decrypted for this handle: reads that
+        never come back to a chunk (a scan, a cold random pass) would only pay for the
+        push, so, like the kernel's read-ahead, it waits until access shows locality.
+        """
+        index = offset // self._cs
+        if self.source.decrypted != index:
+            return []
+        self.source.decrypted = -1
+        seen = self._seen
+        if seen is None:
+            seen = self._seen = bytearray((self._n_chunks + 7) // 8)
+        byte, bit = index >> 3, 1 << (index & 7)
+        if not seen[byte] & bit:
+            seen[byte] |= bit
+            return []
+        plain = self.source._cache.get(index)
+        if plain is None:
+            return []
+        base = index * self._cs
+        view = memoryview(plain)
+        out = []
+        if offset > base:
+            out.append((base, view[:offset - base]))
+        end = offset + length - base
+        if end < len(view):
+            out.append((base + end, view[end:]))
+        return out
 
     def close(self) -> None:
+        self.source.forget()
         os.close(self.fd)
 
 
@@ -177,6 +278,10 @@ class WorkingFile:
         self.refs = 0
         self.detached = False  # unlinked or renamed over: commits go nowhere
         self.pending_times: tuple[int, int] | None = None
+        #: when the plaintext last changed: the file's mtime from then on, as on a local disk
+        #: (not the commit's time), so attributes the kernel cached during the writes
+        #: stay true after the commit
+        self.last_write_ns: int | None = None
         fd = store.open_fd(path, os.O_RDONLY)
         try:
             self.header = read_header(fd)
@@ -283,6 +388,8 @@ class WorkingFile:
     def write(self, offset: int, data: bytes) -> int:
         """Needs a working copy (`ensure_working_copy`) first."""
         assert self.temp_name is not None
+        self.last_write_ns = time.time_ns()
+        self.pending_times = None
         if not isinstance(data, bytes):  # dirty chunks keep views of it: it must not change
             data = bytes(data)
         end = offset + len(data)
@@ -317,6 +424,8 @@ class WorkingFile:
 
     def truncate(self, new_size: int) -> None:
         assert self.temp_name is not None
+        self.last_write_ns = time.time_ns()
+        self.pending_times = None
         if new_size >= self.size:
             if new_size > self.size:
                 self._grow(new_size)
@@ -421,6 +530,9 @@ class WorkingFile:
         if self.pending_times is not None:
             os.utime(self.fd, ns=self.pending_times)
             self.pending_times = None
+        elif self.last_write_ns is not None:
+            os.utime(self.fd, ns=(os.fstat(self.fd).st_atime_ns, self.last_write_ns))
+        self.last_write_ns = None
         os.fsync(self.fd)
         return True
 
