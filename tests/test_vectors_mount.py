@@ -25,13 +25,19 @@ HELD = {"sync_interval": "1h", "batch_size": 100_000}  # nothing reaches the bac
 NO_WS = {"streams.yaml": {"websocket": {"enabled": False}}}
 
 
+#: test ids that are not a provider's name: qdrant-client's local mode runs the server backend's code
+PROVIDER_CONFIG: dict[str, dict[str, Any]] = {"qdrant-client": {"provider": "qdrant", "mode": "local"}}
+
+
 def vec_config(provider: str = "chroma", **over: Any) -> dict[str, dict[str, Any]]:
-    return {"vector_config.yaml": {"provider": provider, **FAST, **over}, **NO_WS}
+    backend = PROVIDER_CONFIG.get(provider, {"provider": provider})
+    return {"vector_config.yaml": {**backend, **FAST, **over}, **NO_WS}
 
 
-@pytest.fixture(params=["chroma", "qdrant", "milvus"])
+@pytest.fixture(params=["chroma", "qdrant", "qdrant-client", "milvus"])
 def provider(request: pytest.FixtureRequest) -> str:
-    """The same suite for every embedded backend (Chroma, qdrant-edge, Milvus Lite)."""
+    """The same suite for every backend: Chroma, qdrant-edge, Milvus Lite (embedded), and the Qdrant
+    server backend (qdrant-client) in qdrant-client's local mode (no Qdrant server installs here)."""
     if request.param == "qdrant":
         pytest.importorskip("qdrant_edge")
     if request.param == "milvus":
@@ -209,7 +215,7 @@ def test_collections_are_directories(kfs_mount: Callable[..., Mount], provider: 
 
 
 def test_read_your_writes_while_queued(kfs_mount: Callable[..., Mount], provider: str) -> None:
-    mount = kfs_mount(config={"vector_config.yaml": {"provider": provider, **HELD}, **NO_WS})
+    mount = kfs_mount(config=vec_config(provider, **HELD))
     col = mount.path / "vectors" / "held"
     col.mkdir()
     rng = random.Random(2)

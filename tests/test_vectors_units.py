@@ -111,6 +111,10 @@ def test_metadata_roundtrip() -> None:
     flat = flatten_metadata(meta)
     assert flat["context"] == "doc" and "tags" not in flat
     assert unflatten_metadata(flat) == meta
+    scalars = {"context": "doc", "n": 3, "x": 1.5, "ok": True, "timestamp": "2025-06-21T20:55:00Z"}
+    assert flatten_metadata(scalars) == scalars  # stored once: nothing to add
+    for odd in [{"n": 1 << 70}, {"n": None}, {}]:
+        assert unflatten_metadata(flatten_metadata(odd)) == odd
 
 
 def test_queue_replays_and_drops_torn_tail(tmp_path: Path) -> None:
@@ -161,6 +165,18 @@ def make_backend(provider: str, path: Path):  # type: ignore[no-untyped-def]
 
         path.mkdir()
         return MilvusBackend(SimpleNamespace(mode="embedded"), str(path))
+    if provider == "chroma-process":
+        from kfs.vectors.backends.isolated import IsolatedBackend
+
+        path.mkdir()  # what the mount uses: Chroma in a child process, the store reached by a descriptor
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        return IsolatedBackend("kfs.vectors.backends.chroma", "ChromaBackend",
+                               SimpleNamespace(mode="embedded", host="", port=0), f"/proc/self/fd/{fd}", fd)
+    if provider == "qdrant-client":
+        from kfs.vectors.backends.qdrant_server import QdrantClientBackend
+
+        path.mkdir()  # qdrant-client's local mode: the server's client API, in-process
+        return QdrantClientBackend(SimpleNamespace(mode="local", host="", port=0), str(path))
     pytest.importorskip("qdrant_edge")
     from kfs.vectors.backends.qdrant import QdrantEdgeBackend
 
@@ -168,7 +184,7 @@ def make_backend(provider: str, path: Path):  # type: ignore[no-untyped-def]
     return QdrantEdgeBackend(SimpleNamespace(), str(path))
 
 
-@pytest.mark.parametrize("provider", ["chroma", "qdrant", "milvus"])
+@pytest.mark.parametrize("provider", ["chroma", "chroma-process", "qdrant", "qdrant-client", "milvus"])
 def test_backend_direct(tmp_path: Path, provider: str) -> None:
     b = make_backend(provider, tmp_path / "db")
     ids = [str(uuid.UUID(int=i + 1)) for i in range(3)]
@@ -191,7 +207,26 @@ def test_backend_direct(tmp_path: Path, provider: str) -> None:
     b.close()
 
 
-@pytest.mark.parametrize("provider", ["chroma", "qdrant"])
+def test_backend_process_killed_is_restarted(tmp_path: Path) -> None:
+    """The child that runs Chroma dies (OOM killer, a stray kill): the call in flight fails with
+    BackendError (the sync agent retries), the next one starts a new child on the same data."""
+    import signal
+
+    from kfs.vectors.backends.base import BackendError
+
+    b = make_backend("chroma-process", tmp_path / "db")
+    ids = [str(uuid.UUID(int=i + 1)) for i in range(2)]
+    b.ensure_collection("col", "cosine", None)
+    b.upsert("col", ids, [[1, 0], [0, 1]], [{}, {}], [None, None])
+    os.kill(b._proc.pid, signal.SIGKILL)
+    with pytest.raises(BackendError):
+        b.count("col")
+    assert b.count("col") == 2
+    b.close()
+    b.close()  # twice: harmless
+
+
+@pytest.mark.parametrize("provider", ["chroma", "qdrant", "qdrant-client"])
 def test_snapshot_export_and_restore(tmp_path: Path, provider: str) -> None:
     """export_state/restore_state of the area, in-process (no FUSE)."""
     if provider == "qdrant":
@@ -204,7 +239,8 @@ def test_snapshot_export_and_restore(tmp_path: Path, provider: str) -> None:
     from kfs.vectors.area import VectorsArea
 
     def area_at(path: Path) -> VectorsArea:
-        cfg = VectorConfig(provider=provider, sync_interval=3600.0)  # type: ignore[arg-type]
+        backend = {"provider": "qdrant", "mode": "local"} if provider == "qdrant-client" else {"provider": provider}
+        cfg = VectorConfig(**backend, sync_interval=3600.0)  # type: ignore[arg-type]
         return VectorsArea(Bus(), StoreDir.open(str(path)), cfg)
 
     sink = MemorySink()
@@ -297,7 +333,9 @@ def test_endpoint_embedder_openai_compatible(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.parametrize("yaml_text, words", [
     ("search_k: 0\n", "search_k"), ("batch_size: 0\n", "batch_size"), ("sync_mode: sometimes\n", "sync_mode"),
     ("distance: hamming\n", "distance"), ("memory_sync: [{collection: x, colour: red}]\n", "colour"),
-    ("provider: pinecone\n", "provider"),
+    ("provider: pinecone\n", "provider"), ("mode: local\n", "mode"),
+    ("embedding_endpoint: http://127.0.0.1:9/v1/embeddings\n", "dimension"),
+    ("embedding_api_key: sk-in-the-config\n", "embedding_api_key"), ("provider: qdrant\napi_key: k\n", "api_key"),
 ])
 def test_config_errors_are_one_line(tmp_path: Path, yaml_text: str, words: str) -> None:
     from kfs.config import ConfigError, load_config

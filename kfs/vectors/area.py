@@ -31,11 +31,12 @@ from kfs.fs.area import Area, Attr, AttrChanges, Ctx, Handle, SnapshotSink, Snap
 from kfs.store import StoreDir
 from kfs.vectors.backends import Backend, BackendError, make_backend
 from kfs.vectors.collection import Collection, Settings, load_settings, save_settings
-from kfs.vectors.embedder import Embedder, EmbedderError, make_embedder
+from kfs.vectors.embedder import ApiKeyUnavailable, Embedder, EmbedderError, make_embedder
 from kfs.vectors.memory import MemorySync
 from kfs.vectors.queue import CollectionQueue, Entry
 from kfs.vectors.schema import Record, SchemaError, check_collection_name, now_rfc3339, parse_record
 from kfs.vectors.search import export_chunks, of_agent, parse_query, result_line, run_query
+from kfs.vectors.secrets import SecretReader
 from kfs.vectors.sync import SyncAgent
 
 log = logging.getLogger("kfs.vectors")
@@ -71,12 +72,17 @@ class VectorsArea(Area):
         self.config = config
         self.qdir = store.subdir(".queue", mode=0o700)
         self.cdir = store.subdir(".collections", mode=0o700)
-        self.db_dir = store.subdir(f".{config.provider}", mode=0o700) if config.mode == "embedded" else None
+        # qdrant-client's local mode has its own format: never in qdrant-edge's directory
+        db_name = {"embedded": f".{config.provider}", "local": f".{config.provider}-local"}.get(config.mode)
+        self.db_dir = store.subdir(db_name, mode=0o700) if db_name else None
         # Chroma and Qdrant want a path: the store dir's descriptor as seen by this process, never the mount.
         db_path = f"/proc/self/fd/{self.db_dir.fd}" if self.db_dir is not None else ""
+        # API keys in the vault are read through the bus (kfs/vectors/secrets.py)
+        self.secrets = SecretReader(bus)
         try:
-            self.backend: Backend = make_backend(config, db_path)
-            self.embedder: Embedder = make_embedder(config)
+            self.backend: Backend = make_backend(config, db_path, self.secrets,
+                                                 self.db_dir.fd if self.db_dir is not None else None)
+            self.embedder: Embedder = make_embedder(config, self.secrets)
         except (BackendError, EmbedderError) as e:
             # An OSError stops the mount with one line (kfs: cannot mount ...: <this>).
             raise fs_error(errno.EINVAL, f"vector_config.yaml: {e}") from None
@@ -98,6 +104,7 @@ class VectorsArea(Area):
                               lambda: sorted(self.drops), self._drop_done)
         self.memory = MemorySync(bus, config.memory_sync, self._memory_accept)
         self._nursery: trio.Nursery | None = None
+        self._unsubscribe_vault: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ life cycle
     def _load_collection(self, name: str) -> Collection:
@@ -114,6 +121,9 @@ class VectorsArea(Area):
 
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        self.secrets.bind()
+        # records waiting for a vault key go as soon as the vault is unlocked, not at the next retry
+        self._unsubscribe_vault = self.bus.subscribe(lambda _event: self.sync.wake(), ["vault_unlocked"])
         nursery.start_soon(self._connect)
         nursery.start_soon(self.sync.run, self.ready)
         self.memory.start(nursery)
@@ -155,6 +165,7 @@ class VectorsArea(Area):
                     await self.sync.sync_all(drain=True)
             except (BackendError, EmbedderError, OSError) as e:
                 log.warning("vectors: queue kept for the next mount: %s", e)
+        self._unsubscribe_vault()
         for col in self.collections.values():
             col.queue.close()
         await trio.to_thread.run_sync(self.backend.close)
@@ -165,7 +176,9 @@ class VectorsArea(Area):
             for name, c in sorted(self.collections.items())
         }
         state = "ready" if self.ready.is_set() else "connecting"
-        if self.backend_error or self.sync.last_error:
+        if self.sync.waiting_for_key and not self.backend_error:
+            state = "embedding key unavailable (queueing)"
+        elif self.backend_error or self.sync.last_error:
             state = "backend unavailable (queueing)"
         depth = sum(c.queue.depth for c in self.collections.values())
         lag = max((c.lag_s() for c in self.collections.values()), default=0.0)
@@ -212,6 +225,8 @@ class VectorsArea(Area):
             raise fs_error(errno.EINTR, "still working: retry")
         if isinstance(bg.error, SchemaError):
             raise fs_error(errno.EINVAL, str(bg.error))
+        if isinstance(bg.error, ApiKeyUnavailable) and bg.error.locked:
+            raise fs_error(errno.EACCES, str(bg.error))
         if isinstance(bg.error, BackendError | EmbedderError):
             log.warning("vectors: read failed: %s", bg.error)
             if isinstance(bg.error, BackendError):
@@ -380,7 +395,7 @@ class VectorsArea(Area):
             "sync_lag_s": col.lag_s(),
             "sync_mode": self.config.sync_mode,
             "last_sync": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(col.last_sync)) if col.last_sync else None,
-            "backend_reachable": not (self.backend_error or self.sync.last_error),
+            "backend_reachable": not (self.backend_error or (self.sync.last_error and not self.sync.waiting_for_key)),
             "last_error": self.backend_error or self.sync.last_error,
             "embedding_model": self.embedder.model,
             "created": col.settings.created,

@@ -18,8 +18,11 @@ import json
 import os
 import threading
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from kfs.vectors.secrets import SecretReader, SecretRef, SecretUnavailable
 
 MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
 TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
@@ -106,9 +109,13 @@ class MiniLMEmbedder(Embedder):
 
 
 class EndpointEmbedder(Embedder):
-    """An OpenAI-compatible ``/v1/embeddings`` endpoint (text-embedding-ada-002 and the like)."""
+    """An OpenAI-compatible ``/v1/embeddings`` endpoint (text-embedding-ada-002 and the like).
 
-    def __init__(self, model: str, endpoint: str, api_key: str | None, dimension: int | None) -> None:
+    ``api_key`` is called before each request (the key is never kept: a vault key stops
+    working when the vault locks); it raises `EmbedderError` when the key is unavailable.
+    """
+
+    def __init__(self, model: str, endpoint: str, api_key: Callable[[], str | None], dimension: int | None) -> None:
         self.model = model
         self.endpoint = endpoint
         self.api_key = api_key
@@ -119,8 +126,8 @@ class EndpointEmbedder(Embedder):
         for start in range(0, len(texts), BATCH):
             body = json.dumps({"model": self.model, "input": texts[start:start + BATCH]}).encode()
             headers = {"Content-Type": "application/json"}
-            if self.api_key:
-                headers["Authorization"] = f"Bearer {self.api_key}"
+            if key := self.api_key():
+                headers["Authorization"] = f"Bearer {key}"
             request = urllib.request.Request(self.endpoint, body, headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=30) as response:
@@ -133,12 +140,9 @@ class EndpointEmbedder(Embedder):
 
 
 def read_api_key(secret: str | None) -> str | None:
-    """The endpoint's API key.
-
-    Areas do not import each other, so the vault's plaintext is not reachable
-    from here: the key comes from ``KFS_EMBEDDING_API_KEY``, or from
-    ``embedding_api_key_secret`` when it names a plain file outside the mount
-    (a JSON file with ``api_key``, or the bare key).
+    """The endpoint's API key in the older forms (no ``embedding_api_key`` configured):
+    ``KFS_EMBEDDING_API_KEY`` in the daemon's environment, or ``embedding_api_key_secret``
+    naming a plain file outside the mount (a JSON file with ``api_key``, or the bare key).
     """
     if key := os.environ.get("KFS_EMBEDDING_API_KEY"):
         return key
@@ -156,10 +160,36 @@ def read_api_key(secret: str | None) -> str | None:
     return raw or None
 
 
-def make_embedder(config: Any) -> Embedder:
+def key_source(config: Any, secrets: SecretReader | None) -> Callable[[], str | None]:
+    """How the endpoint embedder gets its key: ``embedding_api_key`` (vault:, env:, file:), else
+    the older forms (`read_api_key`)."""
+    ref_text = getattr(config, "embedding_api_key", None)
+    if not ref_text:
+        return lambda: read_api_key(config.embedding_api_key_secret)
+    ref = SecretRef.parse(ref_text)
+    reader = secrets or SecretReader(None)
+
+    def read() -> str:
+        try:
+            return reader.read(ref)
+        except SecretUnavailable as e:
+            raise ApiKeyUnavailable(f"embedding_api_key {e}", e.locked) from None
+
+    return read
+
+
+class ApiKeyUnavailable(EmbedderError):
+    """The endpoint's key cannot be read now (``locked``: the vault is locked); records stay queued."""
+
+    def __init__(self, message: str, locked: bool = False) -> None:
+        super().__init__(message)
+        self.locked = locked
+
+
+def make_embedder(config: Any, secrets: SecretReader | None = None) -> Embedder:
     if config.embedding_endpoint:
         return EndpointEmbedder(config.embedding_model, config.embedding_endpoint,
-                                read_api_key(config.embedding_api_key_secret), config.dimension)
+                                key_source(config, secrets), config.dimension)
     if config.embedding_model not in DEFAULT_MODELS:
         raise EmbedderError(
             f"embedding_model {config.embedding_model!r} needs embedding_endpoint (offline: {DEFAULT_MODELS[0]})")

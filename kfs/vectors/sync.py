@@ -19,7 +19,7 @@ import trio
 
 from kfs.vectors.backends.base import Backend, BackendError
 from kfs.vectors.collection import Collection
-from kfs.vectors.embedder import Embedder, EmbedderError
+from kfs.vectors.embedder import ApiKeyUnavailable, Embedder, EmbedderError
 from kfs.vectors.queue import Entry
 from kfs.vectors.search import embed_missing
 
@@ -41,6 +41,8 @@ class SyncAgent:
         self.drop_done = drop_done
         self._wake = trio.Event()
         self.last_error: str | None = None
+        #: the last failure was the embedding endpoint's key (vault locked): the backend is fine
+        self.waiting_for_key = False
         self.applied = 0
         self.batches = 0
         self.running = False
@@ -50,6 +52,7 @@ class SyncAgent:
         """A read (export, search, stats) found the backend down: say so in the status until a
         probe or a sync gets through, even when nothing is queued for the agent to retry."""
         self.last_error = error
+        self.waiting_for_key = False
         self.suspect = True
         try:
             trio.lowlevel.current_task()
@@ -77,12 +80,14 @@ class SyncAgent:
                     self.suspect = False
                 await self.sync_all(drain=True)
                 self.last_error = None
+                self.waiting_for_key = False
                 backoff = RETRY_MIN
                 wait = self.config.sync_interval if self.config.sync_mode == "batched" else 60.0
             except (BackendError, EmbedderError, OSError) as e:
                 if str(e) != self.last_error:
                     log.warning("sync: %s (retrying)", e)
                 self.last_error = str(e)
+                self.waiting_for_key = isinstance(e, ApiKeyUnavailable)
                 wait = backoff
                 backoff = min(backoff * 2, RETRY_MAX)
             with trio.move_on_after(max(wait, 0.01)):

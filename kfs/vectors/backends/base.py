@@ -30,12 +30,21 @@ class StoredRecord:
     distance: float | None = None
 
 
+INT64 = range(-(1 << 63), 1 << 63)
+
+
 def flatten_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Scalar keys stay filterable; the whole object rides along as JSON (lossless)."""
+    """Scalar keys stay filterable; when that is not the whole object (lists, objects, nulls,
+    integers beyond 64 bits), the whole object rides along as JSON too (lossless).
+
+    Scalar-only metadata is stored once: the JSON copy would double what Chroma indexes
+    (measured: ~25% of its upsert rate for a 3-key record)."""
     flat: dict[str, Any] = {
-        k: v for k, v in metadata.items() if isinstance(v, str | int | float | bool)
+        k: v for k, v in metadata.items()
+        if isinstance(v, str | float | bool) or (isinstance(v, int) and v in INT64)
     }
-    flat[META_KEY] = json.dumps(metadata, separators=(",", ":"))
+    if not flat or len(flat) != len(metadata):
+        flat[META_KEY] = json.dumps(metadata, separators=(",", ":"))
     return flat
 
 

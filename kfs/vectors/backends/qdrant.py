@@ -1,5 +1,7 @@
 """Qdrant, embedded: qdrant-edge-py (Qdrant's own engine in-process), one shard per collection.
 
+(The server mode, on qdrant-client, is `qdrant_server`; the record mapping below is shared.)
+
 Shards live in the store's ``vectors/.qdrant/<collection>/``.  A shard needs its
 dimension when it is created, so a collection made by ``mkdir`` gets its shard
 at the first upsert.  Payload = the record's metadata, plus ``_kfs_doc`` for the
@@ -21,6 +23,47 @@ from kfs.vectors.schema import RESERVED_PREFIX
 
 DOC_KEY = RESERVED_PREFIX + "_doc"
 NORM_KEY = RESERVED_PREFIX + "_norm"  # Qdrant normalises cosine vectors: keep the length to export them as given
+
+
+def point_fields(metadata: dict[str, Any], document: str | None, embedding: Sequence[float],
+                 cosine: bool) -> tuple[list[float], dict[str, Any]]:
+    """A record as Qdrant's (vector, payload): the metadata, whole, is the payload (Qdrant keeps any
+    JSON and filters on it), plus the text and, for cosine, the vector's length.  Ids are kfs's
+    canonical UUIDs, which Qdrant takes as they are."""
+    payload = dict(metadata)
+    if document is not None:
+        payload[DOC_KEY] = document
+    vector = [float(x) for x in embedding]
+    if cosine:
+        payload[NORM_KEY] = math.sqrt(sum(x * x for x in vector))
+    return vector, payload
+
+
+def stored_record(point: Any, with_vector: bool) -> StoredRecord:
+    """A Qdrant point (edge or client: both have id, payload, vector) as a `StoredRecord`."""
+    payload = dict(point.payload or {})
+    document = payload.pop(DOC_KEY, None)
+    norm = payload.pop(NORM_KEY, None)
+    vector = point.vector if with_vector else None
+    if vector is not None and norm is not None:
+        vector = [x * norm for x in vector]
+    return StoredRecord(str(point.id), vector, payload, document)
+
+
+def score_distance(metric: str, score: float) -> float:
+    """Qdrant's score as Chroma's distance (1-cos, squared L2, 1-dot): the same numbers whatever
+    the backend, so the backend's answers rank right beside queued records."""
+    return score * score if metric == "l2" else 1.0 - score
+
+
+def scored_records(points: Sequence[Any], metric: str) -> list[StoredRecord]:
+    """Query hits as records, each with its score turned into kfs's distance."""
+    out = []
+    for point in points:
+        record = stored_record(point, False)
+        record.distance = score_distance(metric, float(point.score))
+        out.append(record)
+    return out
 
 
 class QdrantEdgeBackend(Backend):
@@ -117,12 +160,7 @@ class QdrantEdgeBackend(Backend):
             cosine = self._distance.get(name, "cosine") == "cosine"
             points = []
             for i, record_id in enumerate(ids):
-                payload = dict(metadatas[i])
-                if documents[i] is not None:
-                    payload[DOC_KEY] = documents[i]
-                vector = [float(x) for x in embeddings[i]]
-                if cosine:
-                    payload[NORM_KEY] = math.sqrt(sum(x * x for x in vector))
+                vector, payload = point_fields(metadatas[i], documents[i], embeddings[i], cosine)
                 points.append(q.Point(record_id, vector, payload))
             shard.update(q.UpdateOperation.upsert_points(points))
 
@@ -143,16 +181,6 @@ class QdrantEdgeBackend(Backend):
 
         return int(self._call(run))
 
-    @staticmethod
-    def _record(point: Any, with_vector: bool) -> StoredRecord:
-        payload = dict(point.payload or {})
-        document = payload.pop(DOC_KEY, None)
-        norm = payload.pop(NORM_KEY, None)
-        vector = point.vector if with_vector else None
-        if vector is not None and norm is not None:
-            vector = [x * norm for x in vector]
-        return StoredRecord(str(point.id), vector, payload, document)
-
     def page(self, name: str, cursor: Any, limit: int) -> tuple[list[StoredRecord], Any]:
         def run() -> tuple[list[StoredRecord], Any]:
             shard = self._shard(name)
@@ -160,7 +188,7 @@ class QdrantEdgeBackend(Backend):
                 return [], None
             points, nxt = shard.scroll(self._q.ScrollRequest(offset=cursor, limit=limit, with_payload=True,
                                                              with_vector=True))
-            return [self._record(p, True) for p in points], nxt
+            return [stored_record(p, True) for p in points], nxt
 
         return self._call(run)  # type: ignore[no-any-return]
 
@@ -173,12 +201,6 @@ class QdrantEdgeBackend(Backend):
             found = shard.query(q.QueryRequest(limit=k, query=q.Query.Nearest([float(x) for x in embedding]),
                                                with_payload=True))
             metric = self._distance.get(name, "cosine")
-            out = []
-            for p in found:
-                r = self._record(p, False)
-                score = float(p.score)
-                r.distance = score * score if metric == "l2" else 1.0 - score
-                out.append(r)
-            return out
+            return scored_records(found, metric)
 
         return self._call(run)  # type: ignore[no-any-return]
