@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from kfs import __version__
@@ -41,6 +41,41 @@ def live_call(mountpoint: str, cmd: str, args: dict[str, Any] | None = None, tim
         return call(control_socket_path(os.path.abspath(mountpoint)), cmd, args, timeout)
     except ControlError as e:
         raise CliError(str(e)) from None
+
+
+def add_area_commands(subparsers: Any, area: str, help: str) -> Any:
+    """The ``kfs AREA`` command; returns the sub-parsers its subcommands are added to."""
+    parser = subparsers.add_parser(area, help=help)
+    return parser.add_subparsers(dest=f"{area}_command", metavar="COMMAND", required=True)
+
+
+def add_command(
+    sub: Any,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help: str,
+    *positionals: str,
+    json_output: bool = False,
+) -> argparse.ArgumentParser:
+    """One subcommand taking ``positionals`` (just ``mountpoint`` when none are named) and, if
+    ``json_output``, a ``--json`` flag; the caller adds its own options to the parser returned."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    for positional in positionals or ("mountpoint",):
+        p.add_argument(positional)
+    if json_output:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=func)
+    return p
+
+
+def print_result(args: argparse.Namespace, result: Any, render: Callable[[Any], Iterable[str]]) -> int:
+    """Print ``result`` as JSON under ``--json``, else the lines ``render`` makes of it."""
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        for line in render(result):
+            print(line)
+    return 0
 
 
 def is_mounted(path: str) -> bool:
@@ -210,23 +245,20 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = live_call(args.mountpoint, "status", timeout=30)
-    if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
-        return 0
+    return print_result(args, live_call(args.mountpoint, "status", timeout=30), _status_lines)
+
+
+def _status_lines(status: dict[str, Any]) -> Iterator[str]:
     fuse = status["fuse"]
-    print(f"kfs {status['version']} on {status['mountpoint']}  (pid {status['pid']}, up {status['uptime_s']}s)")
-    print(f"store     {status['store']}")
-    print(
-        f"fuse      {fuse['requests']} requests ({fuse['requests_per_s']}/s), {fuse['errors']} errors, "
-        f"{fuse['open_handles']} open handles"
-    )
+    yield f"kfs {status['version']} on {status['mountpoint']}  (pid {status['pid']}, up {status['uptime_s']}s)"
+    yield f"store     {status['store']}"
+    yield (f"fuse      {fuse['requests']} requests ({fuse['requests_per_s']}/s), {fuse['errors']} errors, "
+           f"{fuse['open_handles']} open handles")
     for name, area in status["areas"].items():
         state = area.get("state", "?")
         counters = ", ".join(f"{k}={v}" for k, v in sorted((area.get("counters") or {}).items()))
         extra = area.get("message", "")
-        print(f"{name:<9} {state}{'  ' + counters if counters else ''}{'  ' + extra if extra else ''}")
-    return 0
+        yield f"{name:<9} {state}{'  ' + counters if counters else ''}{'  ' + extra if extra else ''}"
 
 
 # --------------------------------------------------------------------------- parser
@@ -252,10 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120)
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("status", help="store, uptime, each area's state and counters")
-    p.add_argument("mountpoint")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_status)
+    add_command(sub, "status", cmd_status, "store, uptime, each area's state and counters", json_output=True)
 
     for module_name in AREA_CLIS:
         try:

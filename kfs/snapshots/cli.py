@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+from collections.abc import Iterator
 from typing import Any
 
 #: snapshots of a large state take a while; the daemon answers when the zip is durable
@@ -25,14 +25,15 @@ def _human(n: float) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    snaps = _call(args.mountpoint, "ls", {})
-    if args.json:
-        print(json.dumps(snaps, indent=2))
-        return 0
+    from kfs.cli import print_result
+
+    return print_result(args, _call(args.mountpoint, "ls", {}), _snapshot_table)
+
+
+def _snapshot_table(snaps: list[dict[str, Any]]) -> Iterator[str]:
     for s in sorted(snaps, key=lambda s: (s.get("created", ""), s["name"])):
-        print(f"{s['name']:<32} {s.get('created', '?'):<21} {s.get('type', '?'):<12} {s.get('trigger', '?'):<20} "
-              f"{s.get('files', 0):>6} files {_human(s.get('size', 0)):>10}")
-    return 0
+        yield (f"{s['name']:<32} {s.get('created', '?'):<21} {s.get('type', '?'):<12} {s.get('trigger', '?'):<20} "
+               f"{s.get('files', 0):>6} files {_human(s.get('size', 0)):>10}")
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -107,41 +108,21 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("snapshot", help="take, list, verify, diff, restore and delete snapshots")
-    ssub = p.add_subparsers(dest="snapshot_command", metavar="COMMAND", required=True)
+def register(subparsers: Any) -> None:
+    from kfs.cli import add_area_commands, add_command
 
-    c = ssub.add_parser("ls", help="list snapshots")
-    c.add_argument("mountpoint")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_ls)
-
-    c = ssub.add_parser("create", help="take a snapshot (named YYYY-MM-DDTHHMMSSZ unless --name)")
-    c.add_argument("mountpoint")
+    sub = add_area_commands(subparsers, "snapshot", "take, list, verify, diff, restore and delete snapshots")
+    add_command(sub, "ls", cmd_ls, "list snapshots", json_output=True)
+    c = add_command(sub, "create", cmd_create, "take a snapshot (named YYYY-MM-DDTHHMMSSZ unless --name)")
     c.add_argument("--type", choices=["full", "agent", "conversation"], default="full")
     c.add_argument("--agent", help="agent id (for --type agent)")
     c.add_argument("--name", help="snapshot name (default: the UTC time)")
     c.add_argument("--trigger", default="manual", help="manual (default) or event:NAME (for hooks)")
-    c.set_defaults(func=cmd_create)
-
-    c = ssub.add_parser("verify", help="re-hash every file against manifest.json (non-zero exit on a difference)")
-    c.add_argument("mountpoint", help="a kfs mountpoint (ignored with --store)")
-    c.add_argument("name")
+    c = add_command(sub, "verify", cmd_verify,
+                    "re-hash every file against manifest.json (non-zero exit on a difference)", "mountpoint", "name")
     c.add_argument("--store", help="verify offline, from this store directory, without a live mount")
-    c.set_defaults(func=cmd_verify)
-
-    c = ssub.add_parser("diff", help="files added, removed and changed from snapshot A to B")
-    c.add_argument("mountpoint")
-    c.add_argument("a")
-    c.add_argument("b")
-    c.set_defaults(func=cmd_diff)
-
-    c = ssub.add_parser("restore", help="restore a full snapshot (takes a pre-restore safety snapshot first)")
-    c.add_argument("mountpoint")
-    c.add_argument("name")
-    c.set_defaults(func=cmd_restore)
-
-    c = ssub.add_parser("rm", help="delete snapshots")
-    c.add_argument("mountpoint")
+    add_command(sub, "diff", cmd_diff, "files added, removed and changed from snapshot A to B", "mountpoint", "a", "b")
+    add_command(sub, "restore", cmd_restore, "restore a full snapshot (takes a pre-restore safety snapshot first)",
+                "mountpoint", "name")
+    c = add_command(sub, "rm", cmd_rm, "delete snapshots")
     c.add_argument("names", nargs="+")
-    c.set_defaults(func=cmd_rm)

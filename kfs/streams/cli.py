@@ -6,67 +6,45 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-from kfs.cli import CliError, live_call
+from kfs.cli import CliError, add_area_commands, add_command, live_call, print_result
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("stream", help="list, follow and publish to streams; manage broker tokens")
-    sub = parser.add_subparsers(dest="stream_command", metavar="SUBCOMMAND")
-    sub.required = True
-
-    p = sub.add_parser("ls", help="streams with their last seq, retained events and readers")
-    p.add_argument("mountpoint")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_ls)
-
-    p = sub.add_parser("tail", help="print the last N events of a stream (-f: then follow)")
-    p.add_argument("mountpoint")
-    p.add_argument("stream")
+    sub = add_area_commands(subparsers, "stream", "list, follow and publish to streams; manage broker tokens")
+    add_command(sub, "ls", cmd_ls, "streams with their last seq, retained events and readers", json_output=True)
+    p = add_command(sub, "tail", cmd_tail, "print the last N events of a stream (-f: then follow)",
+                    "mountpoint", "stream")
     p.add_argument("-n", "--lines", type=int, default=20)
     p.add_argument("-f", "--follow", action="store_true")
-    p.set_defaults(func=cmd_tail)
-
-    p = sub.add_parser("publish", help="publish JSON object lines (argument, or stdin with -)")
-    p.add_argument("mountpoint")
-    p.add_argument("stream")
+    p = add_command(sub, "publish", cmd_publish, "publish JSON object lines (argument, or stdin with -)",
+                    "mountpoint", "stream")
     p.add_argument("event", help="a JSON object, or - to read lines from stdin")
-    p.set_defaults(func=cmd_publish)
-
-    p = sub.add_parser("status", help="a stream's retained range, readers and bridge state")
-    p.add_argument("mountpoint")
-    p.add_argument("stream")
-    p.set_defaults(func=cmd_status)
+    add_command(sub, "status", cmd_status, "a stream's retained range, readers and bridge state",
+                "mountpoint", "stream")
 
     token = sub.add_parser("token", help="bearer tokens for the WebSocket broker")
-    tsub = token.add_subparsers(dest="token_command", metavar="ACTION")
-    tsub.required = True
-    p = tsub.add_parser("create", help="create a token for a role; prints it once, alone on its last line")
-    p.add_argument("mountpoint")
+    tsub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    p = add_command(tsub, "create", cmd_token_create,
+                    "create a token for a role; prints it once, alone on its last line")
     p.add_argument("--role", required=True)
     p.add_argument("--note", default="")
-    p.set_defaults(func=cmd_token_create)
-    p = tsub.add_parser("list", help="token ids and roles (never the tokens)")
-    p.add_argument("mountpoint")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_token_list)
-    p = tsub.add_parser("revoke", help="revoke a token by id (its clients are disconnected)")
-    p.add_argument("mountpoint")
-    p.add_argument("id")
-    p.set_defaults(func=cmd_token_revoke)
+    add_command(tsub, "list", cmd_token_list, "token ids and roles (never the tokens)", json_output=True)
+    add_command(tsub, "revoke", cmd_token_revoke, "revoke a token by id (its clients are disconnected)",
+                "mountpoint", "id")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    streams = live_call(args.mountpoint, "streams.ls", timeout=30)
-    if args.json:
-        print(json.dumps(streams, indent=2))
-        return 0
-    print(f"{'STREAM':<24} {'LAST SEQ':>9} {'RETAINED':>9} {'BYTES':>11} {'READERS':>7}")
+    return print_result(args, live_call(args.mountpoint, "streams.ls", timeout=30), _stream_table)
+
+
+def _stream_table(streams: list[dict[str, Any]]) -> Iterator[str]:
+    yield f"{'STREAM':<24} {'LAST SEQ':>9} {'RETAINED':>9} {'BYTES':>11} {'READERS':>7}"
     for s in streams:
         name = s["name"] + (" (built-in)" if s["builtin"] else "")
-        print(f"{name:<24} {s['last_seq']:>9} {s['retained']:>9} {s['bytes']:>11} {s['readers']:>7}")
-    return 0
+        yield f"{name:<24} {s['last_seq']:>9} {s['retained']:>9} {s['bytes']:>11} {s['readers']:>7}"
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -113,14 +91,13 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    tokens = live_call(args.mountpoint, "streams.token_list", timeout=30)
-    if args.json:
-        print(json.dumps(tokens, indent=2))
-        return 0
-    print(f"{'ID':<10} {'ROLE':<12} {'CREATED':<21} NOTE")
+    return print_result(args, live_call(args.mountpoint, "streams.token_list", timeout=30), _token_table)
+
+
+def _token_table(tokens: list[dict[str, Any]]) -> Iterator[str]:
+    yield f"{'ID':<10} {'ROLE':<12} {'CREATED':<21} NOTE"
     for t in tokens:
-        print(f"{t['id']:<10} {t['role']:<12} {t['created']:<21} {t['note']}")
-    return 0
+        yield f"{t['id']:<10} {t['role']:<12} {t['created']:<21} {t['note']}"
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:

@@ -15,8 +15,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
+from kfs.cli import print_result
 from kfs.vault import keyfile
 from kfs.vault.contentenc import KEY_FILE
 
@@ -279,14 +281,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _call(args.mountpoint, "status")
-    if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
-        return 0
-    print(f"vault     {status['state']}  {status.get('message', '')}")
-    print(f"          open files {status['open_files']}, auto-lock after {status['auto_lock_timeout_s']:.0f}s idle, "
-          f"failed unlocks {status['unlock_failures']}")
-    return 0
+    return print_result(args, _call(args.mountpoint, "status"), _status_lines)
+
+
+def _status_lines(status: dict[str, Any]) -> Iterator[str]:
+    yield f"vault     {status['state']}  {status.get('message', '')}"
+    yield (f"          open files {status['open_files']}, auto-lock after {status['auto_lock_timeout_s']:.0f}s idle, "
+           f"failed unlocks {status['unlock_failures']}")
 
 
 def register(subparsers: Any) -> None:

@@ -4,49 +4,33 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from typing import Any
 
-from kfs.cli import CliError, live_call
+from kfs.cli import CliError, add_area_commands, add_command, live_call, print_result
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("vectors", help="vector collections: list, query, sync status")
-    sub = parser.add_subparsers(dest="vectors_command", metavar="SUBCOMMAND")
-    sub.required = True
-
-    p = sub.add_parser("ls", help="collections with count, dimension, queue depth and sync lag")
-    p.add_argument("mountpoint")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_ls)
-
-    p = sub.add_parser("query", help="nearest records of a collection, as JSON Lines")
-    p.add_argument("collection")
-    p.add_argument("mountpoint")
+    sub = add_area_commands(subparsers, "vectors", "vector collections: list, query, sync status")
+    add_command(sub, "ls", cmd_ls, "collections with count, dimension, queue depth and sync lag", json_output=True)
+    p = add_command(sub, "query", cmd_query, "nearest records of a collection, as JSON Lines",
+                    "collection", "mountpoint")
     p.add_argument("--text", help="query text (embedded by the configured model)")
     p.add_argument("--vector", help="query vector as a JSON list")
     p.add_argument("-k", type=int, default=None, help="how many results (default: search_k)")
-    p.set_defaults(func=cmd_query)
-
-    p = sub.add_parser("status", help="backend, sync mode, queue depth, lag and last error")
-    p.add_argument("mountpoint")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("sync", help="apply every queued record to the backend now")
-    p.add_argument("mountpoint")
-    p.set_defaults(func=cmd_sync)
+    add_command(sub, "status", cmd_status, "backend, sync mode, queue depth, lag and last error", json_output=True)
+    add_command(sub, "sync", cmd_sync, "apply every queued record to the backend now")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    cols = live_call(args.mountpoint, "vectors.ls")
-    if args.json:
-        print(json.dumps(cols, indent=2))
-        return 0
-    print(f"{'COLLECTION':<24} {'DIM':>5} {'QUEUED':>7} {'LAG_S':>7}  BACKEND")
+    return print_result(args, live_call(args.mountpoint, "vectors.ls"), _collection_table)
+
+
+def _collection_table(cols: list[dict[str, Any]]) -> Iterator[str]:
+    yield f"{'COLLECTION':<24} {'DIM':>5} {'QUEUED':>7} {'LAG_S':>7}  BACKEND"
     for c in cols:
         dim = c["dimension"] if c["dimension"] is not None else "-"
-        print(f"{c['name']:<24} {dim:>5} {c['queue_depth']:>7} {c['sync_lag_s']:>7}  {c['backend']}")
-    return 0
+        yield f"{c['name']:<24} {dim:>5} {c['queue_depth']:>7} {c['sync_lag_s']:>7}  {c['backend']}"
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -70,18 +54,17 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = live_call(args.mountpoint, "vectors.status")
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    print(f"state       {status['state']}")
-    print(f"backend     {status['backend']}  ({status['sync_mode']})")
-    print(f"queued      {status['queue_depth']} records, {status['applied']} applied since mount")
+    return print_result(args, live_call(args.mountpoint, "vectors.status"), _status_lines)
+
+
+def _status_lines(status: dict[str, Any]) -> Iterator[str]:
+    yield f"state       {status['state']}"
+    yield f"backend     {status['backend']}  ({status['sync_mode']})"
+    yield f"queued      {status['queue_depth']} records, {status['applied']} applied since mount"
     if status.get("last_error"):
-        print(f"last error  {status['last_error']}")
+        yield f"last error  {status['last_error']}"
     for name, c in status["collections"].items():
-        print(f"  {name:<22} dim {c['dimension']}  queued {c['queue_depth']}  lag {c['sync_lag_s']}s")
-    return 0
+        yield f"  {name:<22} dim {c['dimension']}  queued {c['queue_depth']}  lag {c['sync_lag_s']}s"
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
