@@ -244,10 +244,19 @@ class Daemon:
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
-            "fuse": self.ops.status(),
+            "fuse": self._fuse_status(),
             "bus_events": self.bus.published,
             "areas": {name: area.status() for name, area in self.areas.items()},
         }
+
+    def _fuse_status(self) -> dict[str, Any]:
+        assert self.ops is not None
+        status = self.ops.status()
+        direct = fuse_loop.current_direct
+        if direct is not None:
+            # requests waited for without a trio scheduler pass, and those that went through trio
+            status["waits"] = {"direct": direct.direct, "via_trio": direct.via_trio, "yields": direct.yields}
+        return status
 
     async def handle_command(self, cmd: str, args: dict[str, Any]) -> Any:
         if cmd == "status":

@@ -17,7 +17,7 @@ from kfs.bus import Bus, Event
 from kfs.config import LoggingConfig, LogstashConfig
 from kfs.fs.area import AttrChanges, Ctx
 from kfs.logs import rotation
-from kfs.logs.area import LogsArea
+from kfs.logs.area import LogHandle, LogsArea
 from kfs.logs.lines import LineError, LineValidator, is_rotated_name, split_complete
 from kfs.logs.logstash import Forwarder, Spool
 from kfs.store import StoreDir
@@ -353,3 +353,102 @@ def test_daemon_log_is_never_rotated(tmp_path: Path) -> None:
     trio.run(main)
     assert os.listdir(tmp_path) == ["kfsd.log.jsonl"]
     assert area.status()["counters"]["rotations"] == 0
+
+
+# ----------------------------------------------------------------------------- hot paths
+@pytest.mark.parametrize("line", [
+    b'{"a":1}\n', b'{"timestamp":"x","a":1}\n', b'{"\\u0074imestamp":"x"}\n', b'{}\n', b'  {"a":1}\n',
+    b'{"a":1}\r\n', b'{"level":"debug","a":1}\n', b'{"level":"ERROR","a":1}\n', b'{"a":"\\u00e9"}\n',
+    b'{"a":[1,{"b":null}],"n":1.50}\n',
+])
+def test_single_line_path_matches_the_batch_path(line: bytes) -> None:
+    # The one-line path (open-append-close) stores what the batch path stores for the same line.
+    one, batch = LineValidator("info"), LineValidator("info")
+    for v in (one, batch):
+        v.clock.now = lambda: "2026-01-01T00:00:00.000Z"  # type: ignore[method-assign]
+    other = b'{"other":true}\n'
+    got = one.process(line)
+    together = batch.process(line + other)
+    assert got.data + one.process(other).data == together.data
+    assert got.records + one.process(other).records == together.records
+    assert got.filtered == together.filtered
+
+
+@pytest.mark.parametrize("line", [
+    b"[1]\n", b'{"a":NaN}\n', b'{"a":1} x\n', b'{"a":1}{"b":2}\n', b'{"a":"\xff"}\n', b"{\n", b'{"a":"\x01"}\n',
+])
+def test_single_line_path_rejects_bad_lines(line: bytes) -> None:
+    with pytest.raises(LineError):
+        LineValidator().process(line)
+
+
+def test_timestamp_and_level_keys_spelt_with_escapes_still_count() -> None:
+    v = LineValidator("info")
+    stamped = b'{"\\u0074imestamp":"t1","a":1}\n{"timestamp":"t2"}\n'
+    assert v.process(stamped).data == stamped  # both lines carry a timestamp: stored as written
+    batch = v.process(b'{"\\u006cevel":"debug","a":1}\n{"b":2}\n')
+    assert batch.filtered == 1 and [r.get("b") for r in batch.records] == [2]
+
+
+def test_writers_keep_idle_files_open_and_notice_unlinks(tmp_path: Path) -> None:
+    from kfs.logs import writer
+
+    store = StoreDir.open(str(tmp_path), mode=0o700)
+    writers = writer.Writers(store)
+    (tmp_path / "a.log.jsonl").write_bytes(b"")
+    log = writers.acquire("a.log.jsonl")
+    fd = log.fd
+    writers.release(log)
+    assert writers.in_use() == 0 and os.fstat(fd)  # idle, still open
+    again = writers.acquire("a.log.jsonl")
+    assert again is log and again.fd == fd and writers.in_use() == 1
+    writers.release(again)
+    # Removed behind kfs's back: the idle descriptor is dropped, the path opened afresh (or ENOENT).
+    (tmp_path / "a.log.jsonl").unlink()
+    with pytest.raises(FileNotFoundError):
+        writers.acquire("a.log.jsonl")
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    (tmp_path / "a.log.jsonl").write_bytes(b'{"x":1}\n')
+    fresh = writers.acquire("a.log.jsonl")
+    assert fresh.size == 8
+    writers.release(fresh)
+    # At most IDLE_FILES idle files: the least recently released is closed first.
+    names = [f"f{i}.log.jsonl" for i in range(writer.IDLE_FILES + 3)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+        writers.release(writers.acquire(name))
+    assert writers.idle == writer.IDLE_FILES and writers.in_use() == 0
+    assert "a.log.jsonl" not in writers.files and names[-1] in writers.files
+    writers.close_all()
+
+
+def test_area_open_append_close_reuses_the_store_file(tmp_path: Path) -> None:
+    area, _ = make_area(tmp_path)
+
+    async def main() -> None:
+        h = await area.create("c.log.jsonl", 0o644, os.O_WRONLY | os.O_APPEND, Ctx())
+        await area.release(h)
+        fds = set()
+        for i in range(5):
+            h = await area.open("c.log.jsonl", os.O_WRONLY | os.O_APPEND, Ctx())
+            assert isinstance(h, LogHandle) and h.log is not None
+            fds.add(h.log.fd)
+            await area.write(h, 0, b'{"i":%d}\n' % i)
+            assert (await area.getattr("c.log.jsonl")).size == (tmp_path / "c.log.jsonl").stat().st_size
+            await area.flush(h)
+            await area.release(h)
+        assert len(fds) == 1 and area.status()["counters"]["open_logs"] == 0
+        # unlink through kfs closes the idle file; a new log of that name starts empty
+        await area.unlink("c.log.jsonl")
+        h = await area.create("c.log.jsonl", 0o644, os.O_WRONLY | os.O_APPEND, Ctx())
+        await area.write(h, 0, b'{"new":1}\n')
+        await area.release(h)
+        # a directory with a log's name cannot be opened for writing
+        await area.mkdir("d.log.jsonl", 0o755, Ctx())
+        with pytest.raises(OSError) as e:
+            await area.open("d.log.jsonl", os.O_WRONLY | os.O_APPEND, Ctx())
+        assert e.value.errno == errno.EISDIR
+
+    trio.run(main)
+    assert [json.loads(x)["new"] for x in (tmp_path / "c.log.jsonl").read_text().splitlines()] == [1]

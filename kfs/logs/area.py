@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
@@ -59,7 +59,8 @@ MEMORY_TAIL_BYTES = 4 << 20
 class LogHandle(Handle):
     log: LogFile | None = None
     read_fd: int = -1
-    pending: bytearray = field(default_factory=bytearray)
+    #: the start of a line still being written: b"" (no allocation per open) or a bytearray
+    pending: bytearray | bytes = b""
     #: for handles without O_APPEND: where the caller's next sequential write lands
     next_offset: int = -1
 
@@ -69,9 +70,8 @@ LOG_BLKSIZE = 128 << 10
 
 
 def _attr(st: os.stat_result) -> Attr:
-    attr = Attr.from_stat(st)
-    attr.blksize = LOG_BLKSIZE
-    return attr
+    return Attr(st.st_mode, st.st_size, st.st_uid, st.st_gid, st.st_nlink,
+                st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, LOG_BLKSIZE)
 
 
 def _hidden(path: str) -> bool:
@@ -135,7 +135,7 @@ class LogsArea(Area):
             "lines": self.lines, "bytes": self.bytes, "rejected_writes": self.rejected,
             "filtered_lines": self.filtered, "rotations": self.rotations,
             "retention_deleted": self.retention_deleted, "partial_lines_dropped": self.partial_dropped,
-            "fsyncs": self.fsyncs, "open_logs": len(self.writers.files),
+            "fsyncs": self.fsyncs, "open_logs": self.writers.in_use(),
         }
         result: dict[str, Any] = {"state": "ready", "counters": counters}
         if self.forwarder is not None:
@@ -175,6 +175,12 @@ class LogsArea(Area):
 
     # -- metadata -----------------------------------------------------------------
     async def getattr(self, path: str) -> Attr:
+        logfile = self.writers.files.get(path)
+        if logfile is not None:
+            # A log being written (or idle after its last writer): fstat its descriptor, no path walk.
+            st = os.fstat(logfile.fd)
+            if st.st_nlink:
+                return _attr(st)
         if _hidden(path):
             raise fs_error(errno.ENOENT)
         return _attr(self.store.stat(path))
@@ -216,30 +222,35 @@ class LogsArea(Area):
 
     # -- files --------------------------------------------------------------------
     async def open(self, path: str, flags: int, ctx: Ctx) -> Handle:
-        if _hidden(path):
+        if path.split("/", 1)[0] in rotation.PRIVATE_NAMES:
             raise fs_error(errno.ENOENT)
-        st = self.store.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise fs_error(errno.EISDIR)
         name = path.rpartition("/")[2]
-        writable = (flags & os.O_ACCMODE) in WRITE_ACCESS
-        if writable:
-            if is_rotated_name(name):
-                raise fs_error(errno.EPERM, "rotated logs are read-only")
-            if not is_log_name(name):
+        access = flags & os.O_ACCMODE
+        if access in WRITE_ACCESS:
+            # The hot path (an appender's open): no stat, the writer's fstat answers for the size,
+            # and opening a directory for writing fails with EISDIR by itself.
+            if not is_log_name(name) or is_rotated_name(name):
+                if stat.S_ISDIR(self.store.stat(path).st_mode):  # ENOENT, EISDIR, then the name
+                    raise fs_error(errno.EISDIR)
+                if is_rotated_name(name):
+                    raise fs_error(errno.EPERM, "rotated logs are read-only")
                 raise fs_error(errno.EINVAL, "only *.log.jsonl files can be written")
-            if flags & os.O_TRUNC and st.st_size > 0:
+            logfile = self.writers.acquire(path)
+            if flags & os.O_TRUNC and logfile.size > 0:
+                self.writers.release(logfile)
                 raise fs_error(errno.EPERM, "logs are append-only")
-        handle = LogHandle(path, flags, direct_io=writable, keep_cache=is_rotated_name(name) and not writable)
-        if (flags & os.O_ACCMODE) != os.O_WRONLY:
-            handle.read_fd = self.store.open_fd(path, os.O_RDONLY)
-        if writable:
-            try:
-                handle.log = self.writers.acquire(path)
-            except BaseException:
-                if handle.read_fd >= 0:
-                    os.close(handle.read_fd)
-                raise
+            handle = LogHandle(path, flags, direct_io=True, log=logfile)
+            if access == os.O_RDWR:
+                try:
+                    handle.read_fd = self.store.open_fd(path, os.O_RDONLY)
+                except BaseException:
+                    self.writers.release(logfile)
+                    raise
+            return handle
+        if stat.S_ISDIR(self.store.stat(path).st_mode):
+            raise fs_error(errno.EISDIR)
+        handle = LogHandle(path, flags, keep_cache=is_rotated_name(name))
+        handle.read_fd = self.store.open_fd(path, os.O_RDONLY)
         return handle
 
     async def create(self, path: str, mode: int, flags: int, ctx: Ctx) -> Handle:
@@ -282,9 +293,12 @@ class LogsArea(Area):
         if cut < 0:
             if len(pending) + len(data) > MAX_LINE_BYTES:
                 self._reject(handle, "line too long")
-            if not pending and not plausible_start(data):
-                self._reject(handle, "not a JSON object")
-            pending += data
+            if not pending:
+                if not plausible_start(data):
+                    self._reject(handle, "not a JSON object")
+                handle.pending = bytearray(data)
+            else:
+                pending += data  # a bytearray once it holds anything: grows in place
             handle.next_offset = offset + len(data)
             return len(data)
         if cut + 1 == len(data):
@@ -299,7 +313,8 @@ class LogsArea(Area):
         except LineError as e:
             self._reject(handle, str(e))
         self._store(logfile, batch.data, batch.records, batch.filtered)
-        handle.pending = bytearray(rest)
+        if rest or pending:
+            handle.pending = bytearray(rest)
         handle.next_offset = offset + len(data)
         return len(data)
 

@@ -181,6 +181,8 @@ def main() -> int:
         print("(ratio to the disk in brackets)")
         fuse: dict[str, object] = status.get("fuse", {})  # type: ignore[assignment]
         print(f"kfs FUSE requests: {fuse.get('requests')}  ({fuse.get('requests_per_s')}/s over the mount's life)")
+        if fuse.get("waits"):  # how the FUSE loop waited for them (kfs/fs/fuse_loop.py)
+            print(f"kfs FUSE waits: {fuse['waits']}")
         return 0
     finally:
         for mnt in reversed(mounts):
