@@ -60,7 +60,7 @@ class VaultConfig:
     kdf: Literal["pbkdf2-hmac-sha256", "pbkdf2"] = "pbkdf2-hmac-sha256"
     kdf_iterations: int = 100_000
     auto_lock_timeout: Duration = Duration(900)
-    chunk_size: int = 65536
+    chunk_size: int = 16384
 
     def __post_init__(self) -> None:
         # the content format accepts 512 B .. 1 MiB chunks (kfs/vault/contentenc.py)

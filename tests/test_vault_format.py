@@ -23,7 +23,7 @@ from kfs.vault.contentenc import (
 )
 from kfs.vault.cryptocore import OVERHEAD, CryptoCore, IntegrityError
 from kfs.vault.lockstate import LockState
-from kfs.vault.openfile import TMP_PREFIX, ChunkError, ReaderView, WorkingFile
+from kfs.vault.openfile import DIRTY_LIMIT, TMP_PREFIX, ChunkError, ReaderView, WorkingFile
 
 CS = 512  # the smallest chunk: many boundaries in few bytes
 
@@ -192,7 +192,7 @@ def test_large_file_spills_in_bounded_memory(store: StoreDir, core: CryptoCore) 
     data = os.urandom(1 << 20)
     for i in range(24):
         wf.write(i << 20, data)
-        assert len(wf.dirty) * 65536 <= (8 << 20) + 65536
+        assert len(wf.dirty) * 65536 <= DIRTY_LIMIT + 65536
     wf.commit()
     wf.close()
     fd = store.open_fd("big", os.O_RDONLY)
@@ -242,3 +242,43 @@ def test_reads_answer_with_views_that_match_the_plaintext(store: StoreDir, core:
         offset, length = rng.randrange(0, len(data) + 5), rng.randrange(0, 4 * CS)
         assert bytes(view.read_buffer(offset, length)) == data[offset:offset + length]
     view.close()
+
+
+def test_seal_run_and_open_run_round_trip_and_name_the_bad_chunk(core: CryptoCore) -> None:
+    """The batched cipher calls of sequential I/O: fresh nonces, and damage pinned to its chunk."""
+    plains = [os.urandom(CS) for _ in range(5)] + [os.urandom(100)]
+    aads = [b"file" + i.to_bytes(8, "big") + (b"\x01" if i == 5 else b"\x00") for i in range(6)]
+    sealed = core.seal_run(plains, aads)
+    nonces = sealed[0::2]
+    assert len(set(nonces)) == 6 and all(len(n) == 12 for n in nonces)
+    blob = bytearray(b"".join(sealed))
+    lengths = [CS] * 5 + [100]
+    out = memoryview(bytearray(sum(lengths)))
+    core.open_run(memoryview(bytes(blob)), CS + OVERHEAD, lengths, aads, out)
+    assert bytes(out) == b"".join(plains)
+    blob[3 * (CS + OVERHEAD) + 20] ^= 0x40
+    with pytest.raises(IntegrityError) as bad:
+        core.open_run(memoryview(bytes(blob)), CS + OVERHEAD, lengths, aads, out)
+    assert bad.value.position == 3
+    with pytest.raises(IntegrityError) as short:  # cut short: the last chunk misses a byte
+        core.open_run(memoryview(b"".join(sealed)[:-1]), CS + OVERHEAD, lengths, aads, out)
+    assert short.value.position == 5
+    swapped = [aads[1], aads[0], *aads[2:]]
+    with pytest.raises(IntegrityError) as moved:
+        core.open_run(memoryview(b"".join(sealed)), CS + OVERHEAD, lengths, swapped, out)
+    assert moved.value.position == 0
+
+
+def test_multi_chunk_reads_report_the_damaged_chunk(store: StoreDir, core: CryptoCore) -> None:
+    data = os.urandom(8 * CS + 10)
+    blob = bytearray(encrypt_bytes(core, data, CS))
+    blob[HEADER_SIZE + 5 * (CS + OVERHEAD) + 40] ^= 0x01
+    store.write_atomic("d", bytes(blob))
+    view = ReaderView(store.open_fd("d", os.O_RDONLY), lambda: core)
+    try:
+        assert bytes(view.read_buffer(0, 5 * CS)) == data[:5 * CS]  # chunks before the damage read fine
+        with pytest.raises(ChunkError) as bad:
+            view.read_buffer(3 * CS + 7, 4 * CS)
+        assert bad.value.index == 5
+    finally:
+        view.close()

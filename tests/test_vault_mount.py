@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, Mount, is_mounted, kfs_cli, lazy_unmount
 
 PASS = "correct horse battery staple"
-CS = 65536  # the shipped default, set explicitly so the tamper offsets stay right
+CS = 16384  # the shipped default, set explicitly so the tamper offsets stay right
 
 
 def vault_config(**vault: Any) -> dict[str, dict[str, Any]]:

@@ -38,7 +38,7 @@ from kfs.vault.contentenc import (
 from kfs.vault.cryptocore import OVERHEAD, CryptoCore, IntegrityError
 
 TMP_PREFIX = ".kfs-tmp-"
-DIRTY_LIMIT = 8 << 20  # plaintext bytes kept in memory per writer before spilling
+DIRTY_LIMIT = 2 << 20  # plaintext bytes kept in memory per writer before spilling (sealed runs stay cache-sized)
 CACHE_CHUNKS = 4
 
 
@@ -117,42 +117,52 @@ class ChunkSource:
         self._keep(index, plain)
         return plain
 
-    def decrypt_range(self, first: int, last: int, lengths: list[int], flags: list[bool]) -> list[memoryview]:
-        """Chunks first..last-1 (their plaintext lengths and last flags given), one pread.
+    def aads(self, first: int, last: int, flagged: int) -> list[bytes]:
+        """AAD of chunks first..last-1; chunk ``flagged`` (if in range) is sealed as the last one."""
+        file_id = self._file_id
+        return [file_id + i.to_bytes(8, "big") + (b"\x01" if i == flagged else b"\x00") for i in range(first, last)]
 
-        Chunks decrypted together land side by side in one buffer (views of it are
-        returned), so a caller wanting the whole range can answer with a view of it.
+    def decrypt_run(self, first: int, last: int, lengths: list[int], flagged: int) -> memoryview:
+        """Chunks first..last-1 decrypted side by side into one new buffer, from one pread.
+
+        ``lengths``: their plaintext lengths; chunk ``flagged`` is sealed as last (-1: none).
+        """
+        core = self.core()
+        total = sum(lengths)
+        start = HEADER_SIZE + first * self._stride
+        blob = memoryview(os.pread(self.fd, (last - 1 - first) * self._stride + lengths[-1] + OVERHEAD, start))
+        out = memoryview(bytearray(total))
+        try:
+            core.open_run(blob, self._stride, lengths, self.aads(first, last, flagged), out)
+        except IntegrityError as e:
+            index = first + (e.position or 0)
+            raise ChunkError(index, str(e)) from None
+        # keep only the tail: what the next small read most likely wants again
+        cs = self.header.chunk_size
+        for i in range(max(first, last - CACHE_CHUNKS), last):
+            at = (i - first) * cs
+            self._keep(i, out[at:at + lengths[i - first]])
+        return out
+
+    def decrypt_range(self, first: int, last: int, lengths: list[int], flagged: int) -> list[memoryview]:
+        """Chunks first..last-1 (their plaintext lengths given), cached ones reused, the rest decrypted.
+
+        Chunk ``flagged`` is the one sealed with the last flag (-1: none in range).
         """
         cache = self._cache
-        found: dict[int, memoryview] = {
-            i: memoryview(cache[i]) for i in range(first, last) if i in cache and len(cache[i]) == lengths[i - first]}
-        todo = [i for i in range(first, last) if i not in found]
-        if todo:
-            core = self.core()
-            plain_buf = memoryview(bytearray(sum(lengths[i - first] for i in todo)))
-            pos = 0
-            start = HEADER_SIZE + todo[0] * self._stride
-            end = HEADER_SIZE + todo[-1] * self._stride + lengths[todo[-1] - first] + OVERHEAD
-            blob = memoryview(os.pread(self.fd, end - start, start))
-            file_id = self._file_id
-            for i in todo:
-                length = lengths[i - first]
-                off = HEADER_SIZE + i * self._stride - start
-                piece = blob[off:off + length + OVERHEAD]  # a view: no copy
-                if len(piece) != length + OVERHEAD:
-                    raise ChunkError(i, "missing bytes")
-                plain = plain_buf[pos:pos + length]
-                aad = file_id + i.to_bytes(8, "big") + (b"\x01" if flags[i - first] else b"\x00")
-                try:
-                    core.open_into(piece, aad, plain)
-                except IntegrityError as e:
-                    raise ChunkError(i, str(e)) from None
-                found[i] = plain
-                pos += length
-            # keep only the tail: what the next small read most likely wants again
-            for i in todo[-CACHE_CHUNKS:]:
-                self._keep(i, found[i])
-        return [found[i] for i in range(first, last)]
+        if not any(i in cache for i in range(first, last)):
+            whole = self.decrypt_run(first, last, lengths, flagged)
+            cs = self.header.chunk_size
+            return [whole[(i - first) * cs:(i - first) * cs + lengths[i - first]] for i in range(first, last)]
+        out: list[memoryview] = []
+        for i in range(first, last):
+            length = lengths[i - first]
+            hit = cache.get(i)
+            if hit is not None and len(hit) == length:
+                out.append(memoryview(hit))
+            else:
+                out.append(self.decrypt_run(i, i + 1, [length], flagged))
+        return out
 
 
 class ReaderView:
@@ -194,7 +204,7 @@ class ReaderView:
         cs = self._cs
         index = offset // cs
         if (end - 1) // cs != index:
-            return read_plain(self.source, self.size, offset, size, lambda i, n: i == n - 1)
+            return read_plain(self.source, self.size, offset, size, self._n_chunks - 1)
         # inside one chunk (random reads, small files): no lists, no join
         last = index == self._n_chunks - 1
         base = index * cs
@@ -246,23 +256,23 @@ class ReaderView:
         os.close(self.fd)
 
 
-def read_plain(source: ChunkSource, size: int, offset: int, length: int, flag_of: object) -> bytes | memoryview:
+def read_plain(source: ChunkSource, size: int, offset: int, length: int, flagged: int) -> bytes | memoryview:
+    """Plaintext [offset, offset+length) of a file of ``size`` bytes; chunk ``flagged`` is sealed as last."""
     if offset >= size or length <= 0:
         return b""
     end = min(size, offset + length)
-    n_chunks = chunk_count(size, source.header.chunk_size)
     cs = source.header.chunk_size
     first, last = offset // cs, (end - 1) // cs + 1
-    lengths = [chunk_length(i, size, cs) for i in range(first, last)]
-    flags = [flag_of(i, n_chunks) for i in range(first, last)]  # type: ignore[operator]
-    chunks = source.decrypt_range(first, last, lengths, flags)
+    lengths = [cs] * (last - first)
+    lengths[-1] = chunk_length(last - 1, size, cs)
     head, tail = offset - first * cs, end - (last - 1) * cs
+    if not any(i in source._cache for i in range(first, last)):
+        # the sequential case: decrypted side by side in one buffer, answered with a view of it
+        whole = source.decrypt_run(first, last, lengths, flagged)
+        return whole[head:len(whole) - (lengths[-1] - tail)]
+    chunks = source.decrypt_range(first, last, lengths, flagged)
     if len(chunks) == 1:
         return chunks[0][head:tail]
-    whole = chunks[0].obj
-    if all(c.obj is whole for c in chunks) and len(whole) == sum(lengths):  # type: ignore[arg-type]
-        # decrypted side by side in one buffer: answer with a view of it, no copy
-        return memoryview(whole)[head:len(whole) - (lengths[-1] - tail)]  # type: ignore[arg-type]
     # trim the first and last chunk, then one join: a single copy of the answer
     return b"".join([memoryview(chunks[0])[head:], *chunks[1:-1], memoryview(chunks[-1])[:tail]])
 
@@ -322,7 +332,7 @@ class WorkingFile:
             length = max(0, min(self.cs, length))
         else:
             length = self.cs
-        return self.source.decrypt_range(index, index + 1, [length], [index in self.flagged])[0]
+        return self.source.decrypt_range(index, index + 1, [length], index if index in self.flagged else -1)[0]
 
     def _chunk(self, index: int) -> bytearray:
         held = self.dirty.get(index)
@@ -381,7 +391,7 @@ class WorkingFile:
         end = min(self.size, offset + length)
         first, last = offset // self.cs, (end - 1) // self.cs + 1
         if not any(i in self.dirty or i >= self.phys - 1 or i in self.flagged for i in range(first, last)):
-            return bytes(read_plain(self.source, self.size, offset, length, lambda i, n: False))
+            return bytes(read_plain(self.source, self.size, offset, length, -1))
         data = b"".join(bytes(self._chunk(i)) for i in range(first, last))
         return data[offset - first * self.cs:end - first * self.cs]
 
@@ -398,9 +408,17 @@ class WorkingFile:
         cs = self.cs
         view = memoryview(data)
         pos = offset
+        dirty = self.dirty
         while pos < end:
             index = pos // cs
             within = pos - index * cs
+            if within == 0 and end - pos >= cs:
+                # whole chunks (a large sequential write): views of the request's bytes, no copy
+                full = (end - pos) // cs
+                at = pos - offset
+                dirty.update((index + k, view[at + k * cs:at + (k + 1) * cs]) for k in range(full))
+                pos += full * cs
+                continue
             take = min(cs - within, end - pos)
             piece = view[pos - offset:pos - offset + take]
             if within == 0 and take == chunk_length(index, self.size, cs):
@@ -465,31 +483,46 @@ class WorkingFile:
         self.phys = max(self.phys, upto)
 
     def spill(self, keep_last: bool) -> None:
-        """Seal dirty chunks into the working copy, contiguous runs in one pwritev each."""
+        """Seal dirty chunks into the working copy, contiguous runs in one pwritev each.
+
+        Per run: one `seal_run` (one getrandom for all nonces) and one pwritev; per chunk
+        only a length check, so small chunks cost little more than the cipher itself.
+        """
         core = self.core()
-        n_last = chunk_count(self.size, self.cs) - 1
-        run: list[bytes] = []
-        run_start = run_next = -1
-        iov_max = 512
-        for index in sorted(self.dirty):
-            if keep_last and index == n_last:
-                continue
-            if index != run_next or len(run) >= iov_max:
-                if run:
-                    _write_runs(self.fd, [(self.header.chunk_offset(run_start), run)])
-                run, run_start = [], index
-                self._fill_zeros(core, index)
-            plain = self.dirty.pop(index)
-            want = chunk_length(index, self.size, self.cs)
-            if len(plain) != want:  # grown since it was dirtied (the gap reads as zeros) or shrunk
-                plain = bytes(plain[:want]) + bytes(max(0, want - len(plain)))
-            nonce, sealed = core.seal_parts(plain, self.header.aad(index, index == n_last))
-            run += [nonce, sealed]
-            self._flag(index, index == n_last)
-            self.phys = max(self.phys, index + 1)
-            run_next = index + 1
-        if run:
-            _write_runs(self.fd, [(self.header.chunk_offset(run_start), run)])
+        cs = self.cs
+        size = self.size
+        n_last = chunk_count(size, cs) - 1
+        last_length = size - n_last * cs
+        dirty = self.dirty
+        indices = sorted(dirty)
+        if keep_last and indices and indices[-1] == n_last:
+            indices.pop()
+        # chunks per pwritev: 2 buffers each (IOV_MAX is 1024), and about 1 MiB, so the sealed
+        # buffers of one run stay in the CPU cache and the allocator reuses them (8 MiB runs
+        # measured ~40% slower: fresh pages for every run)
+        run_max = max(1, min(512, (1 << 20) // cs))
+        k = 0
+        while k < len(indices):
+            start = indices[k]
+            j = k + 1
+            while j < len(indices) and indices[j] == indices[j - 1] + 1 and j - k < run_max:
+                j += 1
+            stop = start + (j - k)
+            self._fill_zeros(core, start)
+            plains: list[bytes | bytearray | memoryview] = []
+            for index in range(start, stop):
+                plain = dirty.pop(index)
+                want = cs if index < n_last else last_length
+                if len(plain) != want:  # grown since it was dirtied (the gap reads as zeros) or shrunk
+                    plain = bytes(plain[:want]) + bytes(max(0, want - len(plain)))
+                plains.append(plain)
+            sealed = core.seal_run(plains, self.source.aads(start, stop, n_last))
+            _write_runs(self.fd, [(self.header.chunk_offset(start), sealed)])
+            self.flagged.difference_update(range(start, stop))
+            if start <= n_last < stop:
+                self.flagged.add(n_last)
+            self.phys = max(self.phys, stop)
+            k = j
         self.source.forget()
 
     def commit(self) -> bool:
