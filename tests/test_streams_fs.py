@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import Mount, retained_events
+from streams_support import append_events
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,13 +25,7 @@ def streams_config(**extra: Any) -> dict[str, dict[str, Any]]:
     return {"streams.yaml": {**BASE, **extra}}
 
 
-def append(path: Path, *events: dict[str, Any]) -> None:
-    """One write of whole lines, as `echo >>` would (returns once acknowledged)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, b"".join(json.dumps(e).encode() + b"\n" for e in events))
-    finally:
-        os.close(fd)
+append = append_events
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, step: float = 0.01) -> bool:
@@ -279,7 +274,7 @@ def test_retention_bounds_and_reads_below_start(kfs_mount: Callable[..., Mount])
     assert 70 <= len(events) <= 80 and events[-1]["i"] == 499
     assert [e["seq"] for e in events] == list(range(events[0]["seq"], 501))
     size = os.stat(s).st_size
-    on_disk = sum(p.stat().st_size for p in (mount.store / "streams" / "short").iterdir())
+    on_disk = sum(p.stat().st_size for p in (mount.store / "streams" / "short").glob("*.jsonl"))  # segments
     assert on_disk == sum(len(json.dumps(e, separators=(",", ":"))) + 1 for e in events)
     assert size > on_disk  # st_size is the end of the history, offsets keep growing
     old = retained_events(mount.path / "streams" / "short@since" / "1")
@@ -354,3 +349,23 @@ def test_log_lines_reach_the_logs_stream(kfs_mount: Callable[..., Mount]) -> Non
     os.close(fd)
     assert wait_for(lambda: any(e.get("msg") == "to the stream"
                                 for e in retained_events(mount.path / "streams" / "logs")), timeout=10)
+
+
+def test_reader_of_a_deleted_stream_ends_even_if_it_is_created_again(kfs_mount: Callable[..., Mount]) -> None:
+    """A `cat` of a stream that is removed and created again ends (its offsets meant the old one):
+    it does not read on in the new stream at a position that means nothing there."""
+    mount = kfs_mount(config=streams_config())
+    chat = mount.path / "streams" / "chat"
+    append(chat, *({"life": 1, "n": n} for n in range(5)))
+    reader = subprocess.Popen(["cat", str(chat)], stdout=subprocess.PIPE)
+    try:
+        assert reader.stdout is not None
+        seen = [json.loads(reader.stdout.readline()) for _ in range(5)]  # cat is following now
+        os.unlink(chat)
+        append(chat, {"life": 2, "n": 0})
+        out, _ = reader.communicate(timeout=10)
+    finally:
+        stop(reader)
+    assert reader.returncode == 0 and out == b""
+    assert [e["life"] for e in seen] == [1] * 5
+    assert [(e["seq"], e["life"]) for e in retained_events(chat)] == [(1, 2)]

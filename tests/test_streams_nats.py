@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import Mount, retained_events
+from streams_support import append_events
 
 from kfs.config import NatsConfig
 from kfs.store import StoreDir
@@ -162,11 +163,7 @@ def bridged(kfs_mount: Callable[..., Mount], server: NatsServer, name: str, jets
 
 
 def append(mount: Mount, stream: str, *events: dict[str, Any]) -> None:
-    fd = os.open(mount.path / "streams" / stream, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, b"".join(json.dumps(e).encode() + b"\n" for e in events))
-    finally:
-        os.close(fd)
+    append_events(mount.path / "streams" / stream, *events)
 
 
 def events(mount: Mount, stream: str) -> list[dict[str, Any]]:
@@ -270,6 +267,59 @@ def test_bridge_outbound_headers_chain_own_events(tmp_path: Path) -> None:
     bridge.cursors["chat"], bridge.last_sent["chat"] = cursor, prev
     broker.publish("chat", {"n": 4})
     assert [h["Kfs-Prev"] for _, _, h in bridge._next_batch("chat")[0]] == ["3"] and bridge.outbox() == 1
+
+
+def test_origin_order_generations_restart_the_count() -> None:
+    """A stream deleted and created again on its origin restarts at seq 1 with a larger generation."""
+    order = OriginOrder(hold_timeout=10)
+
+    def offer(seq: int, prev: int, gen: int | None) -> list[tuple[int, bool, tuple[int, int] | None]]:
+        return [(r.seq, r.append, r.gap) for r in order.offer("o", "chat", seq, prev, seq, 0.0, generation=gen)]
+
+    assert offer(1, 0, 100) == [(1, True, None)] and offer(2, 1, 100) == [(2, True, None)]
+    assert offer(4, 3, 100) == []  # held: 3 is missing
+    # the new incarnation: what was held of the old one goes in after a gap marker, then seq 1 again
+    assert offer(1, 0, 200) == [(4, True, (3, 3)), (1, True, None)]
+    assert offer(3, 2, 200) == []  # the new one's order holds too (2 missing)
+    assert offer(2, 1, 200) == [(2, True, None), (3, True, None)]
+    assert offer(2, 1, 100) == [(2, False, None)]  # a late copy from the old incarnation: dropped
+    assert offer(3, 2, 200) == [(3, False, None)]  # a redelivery in the current one: dropped
+    assert offer(4, 3, None) == [(4, True, None)]  # no header (an older kfs): the current generation
+    assert order.generation == {"o": {"chat": 200}} and order.last["o"]["chat"] == 4
+    # state from before generations existed: a seq already taken under a generation first seen is a new one
+    legacy = OriginOrder(last={"o": {"chat": 50}})
+    assert [(r.seq, r.append) for r in legacy.offer("o", "chat", 1, 0, 1, 0.0, generation=7)] == [(1, True)]
+
+
+def test_bridge_outbound_starts_over_for_a_new_generation(tmp_path: Path) -> None:
+    store = StoreDir.open(str(tmp_path / "streams"), mode=0o700)
+    broker = Broker(store, 1000, 1 << 20, "me")
+    bridge = NatsBridge(broker, store, NatsConfig(url="nats://127.0.0.1:1", jetstream=True), "me")
+    for n in range(3):
+        broker.publish("chat", {"n": n})
+    batch, cursor, prev = bridge._next_batch("chat")
+    old_gen = broker.streams["chat"].generation
+    assert [h["Kfs-Gen"] for _, _, h in batch] == [str(old_gen)] * 3
+    assert batch[0][2]["Nats-Msg-Id"] == f"me:chat:{old_gen}:1"
+    bridge.cursors["chat"], bridge.last_sent["chat"] = cursor, prev
+    broker.delete("chat")
+    broker.publish("chat", {"n": "new"})
+    new_gen = broker.streams["chat"].generation
+    assert new_gen > old_gen
+    batch, cursor, prev = bridge._next_batch("chat")  # the old cursor (3) would have skipped seq 1
+    assert [(h["Kfs-Seq"], h["Kfs-Prev"], h["Kfs-Gen"]) for _, _, h in batch] == [("1", "0", str(new_gen))]
+    assert json.loads(bridge._state_bytes())["out_gen"]["chat"] == new_gen
+
+
+def test_nats_client_still_has_the_write_buffer_the_bridge_clears() -> None:
+    """nats-py has no public way to drop publishes queued before a disconnect (2.16: only the
+    read-only ``pending_data_size``); the bridge clears ``_pending`` itself.  If an upgrade
+    renames it, this fails instead of bringing back out-of-order sends after a reconnect."""
+    from nats.aio.client import Client
+
+    client = Client()
+    assert client._pending == [] and client._pending_data_size == 0
+    assert client.pending_data_size == 0
 
 
 # ---------------------------------------------------------------------- real nats-server, real mounts
@@ -448,3 +498,33 @@ def test_jetstream_peer_out_of_order_is_put_back_in_order(kfs_mount: Callable[..
         assert all(e["kfs_origin"] == "peer" for e in events(b, "feed"))
     finally:
         link.cut()
+
+
+def test_jetstream_stream_deleted_and_created_again_reaches_the_peer(kfs_mount: Callable[..., Mount],
+                                                                     nats_server: NatsServer) -> None:
+    """rm and re-create a stream on a: its seqs start at 1 again, and b still takes them (a new
+    generation in Kfs-Gen and in JetStream's Nats-Msg-Id), after the old incarnation's events."""
+    a = bridged(kfs_mount, nats_server, "a", jetstream=True)
+    b = bridged(kfs_mount, nats_server, "b", jetstream=True)
+    assert wait_for(lambda: bridge_state(a)["nats"] == "connected" and bridge_state(b)["nats"] == "connected")
+    append(a, "chat", *({"n": n, "life": 1} for n in range(3)))
+    assert wait_for(lambda: len(events(b, "chat")) == 3)
+    first = json.loads((a.path / "streams" / "chat.status").read_text())["generation"]
+    (a.path / "streams" / "chat").unlink()
+    append(a, "chat", *({"n": n, "life": 2} for n in range(2)))
+    assert [e["seq"] for e in events(a, "chat")] == [1, 2]
+    second = json.loads((a.path / "streams" / "chat.status").read_text())["generation"]
+    assert second > first
+    assert wait_for(lambda: len(events(b, "chat")) >= 5), events(b, "chat")
+    time.sleep(0.5)
+    got = [(e["life"], e["n"]) for e in events(b, "chat")]
+    assert got == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
+    assert bridge_state(b)["gaps"] == 0
+    # b restarts: its marks (per generation) survive, nothing is taken twice
+    b.stop()
+    b.start()
+    assert wait_for(lambda: bridge_state(b)["nats"] == "connected")
+    append(a, "chat", {"n": 2, "life": 2})
+    assert wait_for(lambda: len(events(b, "chat")) >= 6)
+    time.sleep(1.0)
+    assert [(e["life"], e["n"]) for e in events(b, "chat")][3:] == [(2, 0), (2, 1), (2, 2)]

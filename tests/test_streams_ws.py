@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import Mount, retained_events
+from streams_support import append_events
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -33,11 +34,7 @@ def open_ws(url: str, token: str | None, **kw: Any) -> ClientConnection:
 
 
 def publish_file(mount: Mount, stream: str, *events: dict[str, Any]) -> None:
-    fd = os.open(mount.path / "streams" / stream, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, b"".join(json.dumps(e).encode() + b"\n" for e in events))
-    finally:
-        os.close(fd)
+    append_events(mount.path / "streams" / stream, *events)
 
 
 def events_of(ws: ClientConnection, count: int, timeout: float = 10) -> list[dict[str, Any]]:
@@ -157,3 +154,33 @@ def test_port_taken_mount_still_works(kfs_mount: Callable[..., Mount]) -> None:
     publish_file(second, "chat", {"ok": True})
     assert any(e.get("event") == "streams_websocket_failed" for e in system_events(second))
     assert "websocket" not in second.status()["areas"]["streams"]
+
+
+def test_stream_deleted_and_created_again_is_a_new_generation(kfs_mount: Callable[..., Mount]) -> None:
+    """Seqs restart at 1 in a stream created again: the upgrade names the generation, a live
+    subscriber is told and follows the new one, and a resume from the old one replays the new."""
+    mount, base = ws_mount(kfs_mount)
+    token = token_for(mount, "admin")
+    publish_file(mount, "chat", {"life": 1, "n": 1}, {"life": 1, "n": 2})
+    with open_ws(f"{base}/streams/chat?since=1", token) as live:
+        old = int(live.response.headers["Kfs-Stream-Generation"])
+        assert [e["n"] for e in events_of(live, 2)] == [1, 2]
+        os.unlink(mount.path / "streams" / "chat")
+        publish_file(mount, "chat", {"life": 2, "n": 1})
+        notice, first = events_of(live, 2)
+        assert notice["kfs"] == "generation" and notice["previous"] == old and notice["generation"] > old
+        assert (first["seq"], first["life"]) == (1, 2)
+        new = notice["generation"]
+    status = json.loads((mount.path / "streams" / "chat.status").read_text())
+    assert status["generation"] == new
+    assert {s["name"]: s["generation"] for s in json.loads(mount.cli("stream", "ls", "--json",
+                                                                     str(mount.path)).stdout)}["chat"] == new
+    publish_file(mount, "chat", {"life": 2, "n": 2})
+    # a client resuming after seq 1 of the old generation: the new one from its start, after the notice
+    with open_ws(f"{base}/streams/chat?since=2&generation={old}", token) as resumed:
+        notice, *got = events_of(resumed, 3)
+        assert (notice["kfs"], notice["generation"]) == ("generation", new)
+        assert [(e["seq"], e["life"]) for e in got] == [(1, 2), (2, 2)]
+    # the same resume naming the current generation: exactly from that seq
+    with open_ws(f"{base}/streams/chat?since=2&generation={new}", token) as resumed:
+        assert [(e["seq"], e["n"]) for e in events_of(resumed, 1)] == [(2, 2)]

@@ -33,6 +33,7 @@ from kfs.store import StoreDir
 from kfs.streams.acl import Acl
 from kfs.streams.broker import (
     BUILTIN_STREAMS,
+    GENERATION_FILE,
     MAX_EVENT_BYTES,
     Broker,
     Stream,
@@ -369,7 +370,8 @@ class StreamsArea(Area):
             raise fs_error(errno.EISDIR)
         stream = self.broker.get(name)
         handle = StreamHandle(path, flags, direct_io=True, stream=name, kind="stream",
-                              open_next_seq=stream.log.next_seq, cursor_seq=stream.log.next_seq)
+                              open_next_seq=stream.log.next_seq, cursor_seq=stream.log.next_seq,
+                              generation=stream.generation)
         if handle.writable:
             if kind != "stream" or stream.builtin:
                 raise fs_error(errno.EPERM, "read-only")
@@ -480,6 +482,7 @@ class StreamsArea(Area):
         out: dict[str, Any] = {
             "stream": stream.name,
             "builtin": stream.builtin,
+            "generation": stream.generation,
             "first_seq": log.first_seq if log.retained_events else None,
             "last_seq": log.next_seq - 1 if log.next_seq > 1 else None,
             "retained_events": log.retained_events,
@@ -501,7 +504,7 @@ class StreamsArea(Area):
     # ------------------------------------------------------------------ CLI
     async def control(self, command: str, args: dict[str, Any]) -> Any:
         if command == "ls":
-            return [{"name": n, "builtin": s.builtin, "last_seq": s.log.next_seq - 1,
+            return [{"name": n, "builtin": s.builtin, "generation": s.generation, "last_seq": s.log.next_seq - 1,
                      "retained": s.log.retained_events, "bytes": s.log.retained_bytes,
                      "readers": len(s.readers)} for n, s in sorted(self.broker.streams.items())]
         if command == "publish":
@@ -589,6 +592,11 @@ class StreamsArea(Area):
             self.store.mkdir(staging, 0o750)
             for seg in segs:
                 await trio.to_thread.run_sync(source.copy_to, f"{name}/{seg}", self.store, f"{staging}/{seg}")
+            old = self.broker.streams.get(name)
+            if old is not None:
+                # A restore rewinds the history of the same stream: its generation stays (a new one
+                # would make NATS peers take the restored events again as a new incarnation).
+                self.store.write_atomic(f"{staging}/{GENERATION_FILE}", b"%d\n" % old.generation, 0o640)
             self.store.fsync_dir(staging)
             old = self.broker.streams.pop(name, None)
             if old is not None:

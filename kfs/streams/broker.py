@@ -39,6 +39,8 @@ ORIGIN_FIELD = "kfs_origin"
 
 #: fields kfs stamps on every event; an event's own are dropped
 RESERVED_FIELDS = ("seq", "stream", ORIGIN_FIELD)
+#: in a stream's directory: its generation (see `Stream.generation`)
+GENERATION_FILE = ".generation"
 
 #: called for every event published: (stream name, seq, stored line, origin node or None)
 Listener = Callable[[str, int, bytes, str | None], None]
@@ -51,6 +53,22 @@ _SEPARATOR = orjson.Fragment(b"\x00")
 #: a stored object line without its braces and newline; an encoded object without its "{"
 SLICE_INNER = slice(1, -1)
 SLICE_AFTER_BRACE = slice(1, None)
+
+
+_RESERVED_SET = frozenset(RESERVED_FIELDS)
+
+
+def _load_generation(directory: StoreDir) -> int:
+    """The stream's generation, created (durably) the first time its directory is loaded."""
+    try:
+        text = directory.read_bytes(GENERATION_FILE).decode().strip()
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    generation = time.time_ns()
+    directory.write_atomic(GENERATION_FILE, b"%d\n" % generation, 0o640)
+    return generation
 
 
 def valid_name(name: str) -> bool:
@@ -123,6 +141,10 @@ class Stream:
     #: open file readers (reader.StreamReader) and WebSocket subscribers, for status
     readers: set[Any] = field(default_factory=set)
     published: int = 0
+    #: which incarnation of the name this is: a stream deleted and created again restarts its
+    #: seqs at 1, so (generation, seq) is what names an event for good.  The creation time in
+    #: nanoseconds (kept in GENERATION_FILE): a later incarnation has a larger one.
+    generation: int = 0
 
     def wake(self) -> None:
         self.changed.set()
@@ -153,6 +175,7 @@ class Broker:
     def _load(self, name: str, builtin: bool) -> Stream:
         directory = self.store.subdir(name, mode=0o750)
         stream = Stream(name, builtin, SegmentLog.open(directory, self.max_events, self.max_bytes), directory)
+        stream.generation = _load_generation(directory)
         try:
             st = directory.stat("")
             stream.created_ns = st.st_ctime_ns
@@ -269,6 +292,9 @@ class Broker:
         extra = extra or {}
         first = stream.log.next_seq
         head = b'{"seq":%d,"stream":' + orjson.dumps(name).replace(b"%", b"%%") + b","
+        # Lines that bring their own seq (apps number their log lines) are re-encoded: cutting the
+        # member out of the bytes exactly (counts, splits, a comparison; all C loops) was
+        # measured slower than orjson re-encoding the burst (0.6 against 0.4 us a line).
         if self._needs_reencode(records, extra):
             lines = self._reencoded_objects(head, first, records, extra)
         else:
@@ -289,7 +315,7 @@ class Broker:
     def _needs_reencode(records: list[dict[str, Any]], extra: dict[str, Any]) -> bool:
         """Must these lines go through their records?  Asked of the records (escapes cannot fool
         them), in C loops: a key set test and a lookup per record, no byte scans."""
-        keys = frozenset(RESERVED_FIELDS).union(extra)
+        keys = _RESERVED_SET.union(extra)
         if not all(map(keys.isdisjoint, records)):
             return True
         # Missing or null: publish_many stamps those with the time of publishing.

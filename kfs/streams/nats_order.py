@@ -17,6 +17,12 @@ receiver appends an event only once its predecessor is in:
 
 This module is pure bookkeeping (no NATS, no trio): the bridge feeds it and
 acts on what it returns.
+
+A stream deleted and created again on its origin restarts its seqs at 1; its
+events then carry a larger generation (``Kfs-Gen``).  The first event of a newer
+generation closes the old one (events still held from it go in after a gap
+marker) and the count starts afresh; a late event of an older generation is a
+redelivery and is dropped.
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ class Hole:
     after_seq: int
     need_seq: int
     before_seq: int
+    #: the generation the seqs count in (None: the origin does not say)
+    generation: int | None = None
 
 
 @dataclass
@@ -75,6 +83,8 @@ class OriginOrder:
     last: dict[str, dict[str, int]] = field(default_factory=dict)
     #: origin -> stream -> JetStream sequence of the last message taken (where a repair scan starts)
     last_js: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: origin -> stream -> generation that ``last`` counts in (persisted by the bridge)
+    generation: dict[str, dict[str, int]] = field(default_factory=dict)
     hold_timeout: float = 45.0
     max_held: int = MAX_HELD
     held: dict[tuple[str, str], dict[int, Held]] = field(default_factory=dict)
@@ -88,13 +98,26 @@ class OriginOrder:
         return sum(len(chain) for chain in self.held.values())
 
     def offer(self, origin: str, stream: str, seq: int, prev: int | None, item: Any, now: float,
-              js_seq: int | None = None, hold: bool = True) -> list[Release]:
+              js_seq: int | None = None, hold: bool = True, generation: int | None = None) -> list[Release]:
         """Offer one event; returns what to append (in order) or acknowledge now.
 
         ``prev`` None: the sender did not say (an older kfs): taken as it comes.
         ``hold`` False (core NATS): a missing predecessor will never come, so the
-        event goes in at once after a gap marker.
+        event goes in at once after a gap marker.  ``generation`` None: the sender
+        did not say; the event counts in the generation last seen.
         """
+        out: list[Release] = []
+        if generation is not None:
+            known = self.generation.get(origin, {}).get(stream)
+            if known is not None and generation < known:
+                self.duplicates += 1  # a late copy from an incarnation that is gone
+                return [Release(item, origin, stream, seq, append=False)]
+            last = self.last.get(origin, {}).get(stream)
+            # Unknown generation (state from an older kfs): a seq already taken means a new one.
+            if (known is not None and generation > known) or (known is None and last is not None and seq <= last):
+                out = self._new_generation(origin, stream)
+            if known != generation:
+                self.generation.setdefault(origin, {})[stream] = generation
         last = self.last.get(origin, {}).get(stream)
         if last is not None and seq <= last:
             self.duplicates += 1
@@ -106,13 +129,12 @@ class OriginOrder:
             chain[seq].item = item
             return []
         if last is None or prev is None or prev <= last:
-            out = [self._take(origin, stream, seq, item, js_seq)]
+            out.append(self._take(origin, stream, seq, item, js_seq))
         elif not hold:
-            out = [self._take(origin, stream, seq, item, js_seq, gap=(last + 1, prev))]
+            out.append(self._take(origin, stream, seq, item, js_seq, gap=(last + 1, prev)))
         else:
             self.held.setdefault((origin, stream), {})[seq] = Held(seq, prev, item, now, js_seq)
             self.held_total += 1
-            out = []
             if self.held_count > self.max_held:
                 out += self._give_up(self._oldest_hole())
             return out
@@ -136,7 +158,18 @@ class OriginOrder:
             first = chain[min(chain)]
             after_js = self.last_js.get(origin, {}).get(stream)
             if after_js is not None:
-                out.append(Hole(origin, stream, after_js, self.last[origin][stream], first.prev, first.seq))
+                out.append(Hole(origin, stream, after_js, self.last[origin][stream], first.prev, first.seq,
+                                self.generation.get(origin, {}).get(stream)))
+        return out
+
+    def _new_generation(self, origin: str, stream: str) -> list[Release]:
+        """The origin's stream was created again: what is still held of the old one goes in
+        (after gap markers), and seqs count afresh."""
+        out: list[Release] = []
+        while self.held.get((origin, stream)):
+            out += self._give_up((origin, stream))
+        # Its first event (seq 1) names 0 as its predecessor: later ones wait for it as usual.
+        self.last.setdefault(origin, {})[stream] = 0
         return out
 
     # ------------------------------------------------------------------ internals

@@ -46,6 +46,9 @@ class StreamHandle(Handle):
     #: an incomplete line written so far (the kernel may split a large write)
     write_buffer: bytearray = field(default_factory=bytearray)
     status_bytes: bytes = b""
+    #: the stream's generation at open: once the name is deleted and created again, this
+    #: handle reads end of file (its offsets belong to the old incarnation), like a deleted file
+    generation: int = 0
 
     # Handles are identities (kept in sets), not values.
     __hash__ = object.__hash__
@@ -72,6 +75,10 @@ async def read_stream(broker: Broker, handle: StreamHandle, offset: int, size: i
     stream = broker.streams.get(handle.stream)
     if stream is None:
         return b""  # removed while open: end of file
+    if stream.generation != handle.generation:
+        if handle.generation:
+            return b""  # removed and created again while open: end of file too
+        handle.generation = stream.generation  # (a handle made without one takes the current)
     log = stream.log
     following = handle.started and offset == handle.kernel_next
     if following:

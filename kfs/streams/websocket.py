@@ -10,7 +10,11 @@ After the upgrade every event of the stream is sent as one text message
 (the stored JSON line); text messages from the client publish if the role
 allows; refusals and bad JSON are answered ``{"kfs":"error","code":...}``,
 and with ``?ack=1`` each accepted message is answered ``{"kfs":"ack","seq":N}``;
-``?subscribe=0`` makes a publish-only connection.
+``?subscribe=0`` makes a publish-only connection.  The upgrade names the stream's
+generation (``Kfs-Stream-Generation``); ``?since=SEQ&generation=G`` with a G that is
+no longer current (the stream was deleted and created again) replays the current
+one from its start after a ``{"kfs":"generation",...}`` message, also sent to a
+client connected across the re-creation.
 Each client keeps a seq cursor into the retained history: a client that
 falls more than ``send_queue`` events behind is dropped (close 1013), so a
 stalled client costs no memory and never slows anyone else.
@@ -25,11 +29,13 @@ import json
 import logging
 import urllib.parse
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import trio
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import Side, State
 from websockets.trio.server import Server, ServerConnection, serve
 
 from kfs.config import WebSocketConfig
@@ -39,12 +45,10 @@ from kfs.streams.reader import gap_marker
 
 log = logging.getLogger("kfs.streams.websocket")
 
-#: a subscriber that sent less than this long ago waits COALESCE_WAIT before its next send, so a
-#: busy stream costs one socket send per run of events (at 1,000 events/s: +0.5 ms on average)
-COALESCE_AFTER = 0.002
-COALESCE_WAIT = 0.001
 #: events per read and send context
 SEND_RUN = 1024
+#: response header of the upgrade: the stream's generation (see `Stream.generation`)
+GENERATION_HEADER = "Kfs-Stream-Generation"
 
 
 @dataclass(eq=False)
@@ -61,8 +65,8 @@ class Client:
     dropped: str = ""
     sent: int = 0
     acks: bool = False
-    #: trio clock of the last send (a recent one means events are streaming: coalesce)
-    last_send: float = -1e9
+    #: the generation of the stream that ``cursor`` counts in (0: the stream did not exist yet)
+    generation: int = 0
 
 
 class WebSocketServer:
@@ -83,7 +87,7 @@ class WebSocketServer:
         async with trio.open_nursery() as nursery:
             self.server = await nursery.start(functools.partial(
                 serve, self._handler, self.config.port, host=self.config.host,
-                process_request=self._process_request,
+                process_request=self._process_request, process_response=self._process_response,
                 max_size=self.config.max_message_kb * 1024, max_queue=256,
                 compression=None, close_timeout=2, logger=log,
             ))
@@ -140,16 +144,33 @@ class WebSocketServer:
                               stream_name=name)
         stream = self.broker.streams.get(name)
         cursor = stream.log.next_seq if stream is not None else 1
+        generation = stream.generation if stream is not None else 0
         if "since" in query:
             since = query["since"][0]
             if not since.isdigit():
                 return connection.respond(http.HTTPStatus.BAD_REQUEST, "since must be a seq number\n")
             cursor = int(since)
+            wanted = query.get("generation", [""])[0]
+            if wanted and not wanted.isdigit():
+                return connection.respond(http.HTTPStatus.BAD_REQUEST, "generation must be a number\n")
+            if wanted and stream is not None and int(wanted) != generation:
+                # The seq counts in an incarnation of the name that is gone: replay this one
+                # from its start, after a message saying so (the send loop sends it).
+                cursor = 1
+                generation = int(wanted)
         self._accepted[id(connection)] = Client(connection, name, info.id, info.role,
                                                 can_subscribe and wants_events, can_publish,
                                                 cursor, _peer(connection),
-                                                acks=query.get("ack", ["0"])[0] in ("1", "true", "yes"))
+                                                acks=query.get("ack", ["0"])[0] in ("1", "true", "yes"),
+                                                generation=generation)
         return None
+
+    def _process_response(self, connection: ServerConnection, request: Request, response: Response) -> None:
+        """Name the stream's generation on the upgrade: a client resuming with ``since`` passes it back."""
+        client = self._accepted.get(id(connection))
+        stream = self.broker.streams.get(client.stream) if client is not None else None
+        if stream is not None and response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS:
+            response.headers[GENERATION_HEADER] = str(stream.generation)
 
     # ------------------------------------------------------------------ connection
     async def _handler(self, connection: ServerConnection) -> None:
@@ -211,17 +232,21 @@ class WebSocketServer:
                 if stream is None:
                     await trio.sleep(0.25)  # not created yet (a publisher may create it)
                     continue
+                if stream.generation != client.generation:
+                    if client.generation:
+                        # Deleted and created again (or resumed from another incarnation): the
+                        # cursor's seqs meant the old one; follow the new one from its start.
+                        await connection.send(json.dumps({
+                            "kfs": "generation", "stream": stream.name, "generation": stream.generation,
+                            "previous": client.generation}, separators=(",", ":")))
+                        client.cursor = 1
+                    client.generation = stream.generation
                 log_ = stream.log
                 if client.cursor < log_.first_seq and log_.retained_events:
                     await connection.send(gap_marker(stream.name, client.cursor, log_.first_seq).decode().rstrip("\n"))
                     client.cursor = log_.first_seq
                 if client.cursor >= log_.next_seq:
                     await stream.changed.wait()
-                    if trio.current_time() - client.last_send < COALESCE_AFTER:
-                        # Events are streaming in: gather a few more before sending.  The cost of
-                        # a message here is mostly its socket send (a loopback send runs the
-                        # receiver's TCP path too): one send for a run of events, not one each.
-                        await trio.sleep(COALESCE_WAIT)
                     continue
                 # One read for a run of events, then all their frames in one send context
                 # (websockets 17's own way of writing a message, minus a lock round per frame).
@@ -236,18 +261,21 @@ class WebSocketServer:
                 frames = data.split(b"\n")[:-1]
                 if len(frames) != last - client.cursor:
                     frames = [log_.line(seq)[:-1] for seq in range(client.cursor, last)]
+                # No waiting for more: whatever arrived while the last send ran goes in this one,
+                # so a busy stream sends runs of events and a quiet one sends each at once.
                 async with connection.send_context():
                     protocol = connection.protocol
-                    for frame in frames:
-                        protocol.send_text(frame)
-                    # websockets' trio connection hands each queued frame to its own send_all (one
-                    # syscall per event); the run's frames are one byte string, so send them as one.
-                    writes = protocol.writes
-                    if len(writes) > 1 and all(writes):  # (b"" would be its end-of-stream marker)
-                        writes[:] = [b"".join(writes)]
+                    if (protocol.state is State.OPEN and protocol.side is Side.SERVER and not protocol.extensions
+                            and not protocol.expect_continuation_frame and not protocol.debug):
+                        # What send_text would queue frame by frame, built for the run in C loops:
+                        # an unmasked, unfragmented text frame per event (the stored lines are
+                        # UTF-8 JSON), one byte string, one socket send.
+                        protocol.writes.append(text_frames(frames))
+                    else:
+                        for frame in frames:
+                            protocol.send_text(frame)
                 client.cursor = last
                 client.sent += len(frames)
-                client.last_send = trio.current_time()
         except ConnectionClosed:
             pass
 
@@ -282,6 +310,30 @@ class WebSocketServer:
         head = self.broker.streams[stream].log.next_seq if stream in self.broker.streams else 0
         return [{"kind": "websocket", "peer": c.peer, "role": c.role, "lag": max(0, head - c.cursor)}
                 for c in self.clients if c.stream == stream and c.can_subscribe]
+
+
+class _FrameHeaders(dict[int, bytes]):
+    """Text frame header (FIN, opcode 1, unmasked) by payload length, made once per length."""
+
+    def __missing__(self, length: int) -> bytes:
+        if length < 126:
+            header = bytes((0x81, length))
+        elif length < 1 << 16:
+            header = b"\x81\x7e" + length.to_bytes(2, "big")
+        else:
+            header = b"\x81\x7f" + length.to_bytes(8, "big")
+        if len(self) < 1 << 16:
+            self[length] = header
+        return header
+
+
+_FRAME_HEADERS = _FrameHeaders()
+
+
+def text_frames(payloads: list[bytes]) -> bytes:
+    """Server-to-client text frames (RFC 6455 5.2) of ``payloads``, back to back."""
+    headers = map(_FRAME_HEADERS.__getitem__, map(len, payloads))
+    return b"".join(chain.from_iterable(zip(headers, payloads, strict=True)))
 
 
 def _peer(connection: ServerConnection) -> str:

@@ -56,6 +56,12 @@ def count_lines(path: Path) -> int:
         return f.read().count(b"\n")
 
 
+def daemon_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the daemon has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def file_publish(stream: Path, events: int, per_write: int) -> float:
     fd = os.open(stream, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     start = time.perf_counter()
@@ -145,21 +151,26 @@ async def _websocket_run(port: int, token: str, events: int) -> tuple[float, flo
     return rate, statistics.median(latencies) * 1000, latencies[int(len(latencies) * 0.99)] * 1000
 
 
+def start_nats_server(command: list[str], port: int) -> subprocess.Popen[bytes]:
+    """Start nats-server and wait (up to 10 s) until it accepts connections on ``port``."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc
+
+
 def nats_figures(events: int, readers: int) -> dict[str, float]:
     binary = Path(sys.executable).parent / "nats-server"
     server_bin = str(binary) if binary.exists() else shutil.which("nats-server")
     if not server_bin:
         return {}
     port = free_port()
-    proc = subprocess.Popen([server_bin, "-a", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start_nats_server([server_bin, "-a", "127.0.0.1", "-p", str(port)], port)
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         return asyncio.run(_nats_run(f"nats://127.0.0.1:{port}", events, readers))
     finally:
         proc.kill()
@@ -245,17 +256,11 @@ def bridge_figures(events: int, workdir: Path) -> dict[str, float]:
     if not server_bin:
         return {}
     port = free_port()
-    proc = subprocess.Popen([server_bin, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(workdir / "nats")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_nats_server([server_bin, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(workdir / "nats")],
+                             port)
     url = f"nats://127.0.0.1:{port}"
     out: dict[str, float] = {}
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         for mode in ("core", "jetstream"):
             mounts = []
             try:
@@ -356,8 +361,12 @@ def main() -> None:
         d1 = file_delivery(mount, "deliver1", n, 1, workdir)
         d20 = file_delivery(mount, f"deliver{args.readers}", n, args.readers, workdir)
         token = kfs("stream", "token", "create", "--role", "admin", str(mount)).strip().splitlines()[-1]
+        pid = int(json.loads(kfs("status", str(mount), "--json"))["pid"])
+        cpu = daemon_cpu(pid)
         ws_file = websocket_from_file(mount, port, token, n)
+        cpu_ws_file, cpu = daemon_cpu(pid) - cpu, daemon_cpu(pid)
         ws_rate, ws_p50, ws_p99 = websocket_figures(port, token, n)
+        cpu_ws_ws = daemon_cpu(pid) - cpu  # n events at full rate, then 2,000 at 1,000/s
         nats = nats_figures(n, args.readers)
         bridge = {} if args.no_bridge else bridge_figures(n, workdir)
         rows.append(("publish, 1 event per write", one, None))
@@ -380,6 +389,9 @@ def main() -> None:
         print(f"  kfs WebSocket  {ws_p50:6.2f} / {ws_p99:6.2f}")
         if nats:
             print(f"  NATS (nats-py) {nats['p50_ms']:6.2f} / {nats['p99_ms']:6.2f}")
+        print("\ndaemon CPU per event (steadier than rates on a shared machine):")
+        print(f"  file publish -> 1 WebSocket subscriber   {cpu_ws_file / n * 1e6:6.1f} us")
+        print(f"  WebSocket publish -> 1 WebSocket sub     {cpu_ws_ws / (n + 2000) * 1e6:6.1f} us")
     finally:
         kfs("umount", str(mount))
         shutil.rmtree(workdir, ignore_errors=True)
