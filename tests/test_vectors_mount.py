@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import random
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 from conftest import Mount
+
+from kfs.cli import live_call
 
 FAST = {"sync_interval": "300ms", "batch_size": 500}
 HELD = {"sync_interval": "1h", "batch_size": 100_000}  # nothing reaches the backend until umount
@@ -235,6 +238,40 @@ def test_read_your_writes_while_queued(kfs_mount: Callable[..., Mount], provider
     assert st["queue_depth"] == 0
     assert len(export(col / "records.jsonl")) == 299
     assert json.loads((col / "collection.json").read_text())["count"] == 299
+
+
+def test_searches_run_while_a_batch_is_applied(kfs_mount: Callable[..., Mount]) -> None:
+    """Embedded Chroma in its child process: a search is answered between slices of the sync
+    agent's upsert (not after the whole batch), and still ranks the batch's records, which stay
+    in the queue until the upsert returns (read-your-writes)."""
+    batch = 4000
+    mount = kfs_mount(config=vec_config("chroma", sync_interval="1h", batch_size=batch))
+    col = mount.path / "vectors" / "busy"
+    col.mkdir()
+    rng = random.Random(5)
+    filler = " ".join(rng.choice("alpha beta gamma delta epsilon zeta eta theta".split()) for _ in range(150))
+    records = [{**record(8, rng), "text": f"{i} {filler}"} for i in range(batch)]
+    target = records[batch // 2]
+    query = "k=3 " + json.dumps([round(x, 4) for x in target["embedding"]])
+    for i in range(0, batch, 200):  # the last write fills the batch: the agent starts applying it
+        append(col / "records.jsonl", records[i:i + 200])
+    status = functools.partial(live_call, str(mount.path), "vectors.status")
+    deadline = time.monotonic() + 60
+    while not status()["applying"]:
+        assert status()["applied"] == 0 and time.monotonic() < deadline, "the batch never started"
+        time.sleep(0.005)
+    during = 0
+    while True:
+        found = search(col, query)
+        assert found[0]["id"] == target["id"] and found[0]["distance"] < 1e-3
+        if not status()["applying"]:
+            break
+        during += 1
+    st = status()
+    # Answered while the batch was still being applied, more than once: not queued behind it.
+    assert during >= 2, st
+    wait_synced(mount)
+    assert search(col, query)[0]["id"] == target["id"]
 
 
 def test_kill9_mid_batch_loses_and_duplicates_nothing(kfs_mount: Callable[..., Mount], provider: str) -> None:

@@ -8,10 +8,8 @@ written into ``vault/openai.json`` through the mount; locking the vault keeps re
 from __future__ import annotations
 
 import errno
-import http.server
 import json
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +19,7 @@ from typing import Any
 import pytest
 from conftest import Mount
 from test_vectors_mount import NO_WS, append, export, search, wait_synced
+from vectors_support import JsonServer
 
 from kfs.bus import Bus, NoProvider
 from kfs.vectors.embedder import ApiKeyUnavailable, key_source
@@ -95,49 +94,25 @@ def test_secret_reader_maps_vault_answers(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 # ------------------------------------------------------------------ mount tier
-class Endpoint:
+class Endpoint(JsonServer):
     """An OpenAI-compatible /v1/embeddings on 127.0.0.1: one dimension per word of VOCAB, plus a
     constant, so nearest neighbours are known; refuses any key but KEY with 401."""
 
     def __init__(self) -> None:
         self.keys: list[str | None] = []
         self.texts: list[str] = []
-        outer = self
+        super().__init__(self._answer)
+        self.url = self.address("/v1/embeddings")
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                auth = self.headers.get("Authorization")
-                outer.keys.append(auth)
-                if auth != f"Bearer {KEY}":
-                    self.send_response(401)
-                    self.end_headers()
-                    return
-                outer.texts.extend(body["input"])
-                rows = [{"index": i, "embedding": [float(w in t.split()) for w in VOCAB] + [0.1]}
-                        for i, t in enumerate(body["input"])]
-                out = json.dumps({"data": rows, "model": body["model"]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/embeddings"
-
-    def __enter__(self) -> Endpoint:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
+    def _answer(self, method: str, path: str, headers: Any, body: Any) -> tuple[int, Any]:
+        auth = headers.get("Authorization")
+        self.keys.append(auth)
+        if auth != f"Bearer {KEY}":
+            return 401, None
+        self.texts.extend(body["input"])
+        rows = [{"index": i, "embedding": [float(w in t.split()) for w in VOCAB] + [0.1]}
+                for i, t in enumerate(body["input"])]
+        return 200, {"data": rows, "model": body["model"]}
 
 
 @pytest.fixture
@@ -218,23 +193,10 @@ def test_qdrant_server_mode_speaks_rest_with_the_vault_key() -> None:
 
     seen: list[tuple[str, str | None]] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append((self.path, self.headers.get("api-key")))
-            out = json.dumps({"result": {"collections": [{"name": "agent_memory"}]}, "status": "ok",
-                              "time": 0.0}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
+    def collections(method: str, path: str, headers: Any, body: Any) -> tuple[int, Any]:
+        seen.append((path, headers.get("api-key")))
+        return 200, {"result": {"collections": [{"name": "agent_memory"}]}, "status": "ok", "time": 0.0}
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     bus = Bus()
     locked = True
 
@@ -244,10 +206,10 @@ def test_qdrant_server_mode_speaks_rest_with_the_vault_key() -> None:
         return json.dumps({"api_key": "qd-key"}).encode() if path == "qdrant.json" else b""
 
     bus.provide(VAULT_SERVICE, read_secret)
-    config = SimpleNamespace(mode="server", host="127.0.0.1", port=server.server_port, https=False,
-                             api_key="vault:qdrant.json#api_key")
-    backend = QdrantClientBackend(config, "", SecretReader(bus))
-    try:
+    with JsonServer(collections) as server:
+        config = SimpleNamespace(mode="server", host="127.0.0.1", port=server.port, https=False,
+                                 api_key="vault:qdrant.json#api_key")
+        backend = QdrantClientBackend(config, "", SecretReader(bus))
         assert "server http://127.0.0.1" in backend.label
         with pytest.raises(BackendError) as e:
             backend.connect()
@@ -255,9 +217,6 @@ def test_qdrant_server_mode_speaks_rest_with_the_vault_key() -> None:
         locked = False
         assert backend.list_collections() == ["agent_memory"]
         assert seen == [("/collections", "qd-key")]
-    finally:
-        server.shutdown()
-        server.server_close()
     with pytest.raises(BackendError):
         backend.list_collections()  # the server is gone
     backend.close()

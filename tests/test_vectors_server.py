@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Mount
@@ -66,17 +67,27 @@ def chroma_server(tmp_path: Path) -> Iterator[ChromaServer]:
     server.kill()
 
 
+def server_mount(kfs_mount: Callable[..., Mount], server: ChromaServer, collection: str,
+                 **config: Any) -> tuple[Mount, Path]:
+    """A mount whose backend is ``server`` (streaming sync), and a new collection in it."""
+    vectors = {"mode": "server", "host": "127.0.0.1", "port": server.port, "sync_mode": "streaming", **config}
+    mount = kfs_mount(config={"vector_config.yaml": vectors, **NO_WS})
+    col = mount.path / "vectors" / collection
+    col.mkdir()
+    return mount, col
+
+
+def numbered(rng: random.Random, dim: int, numbers: range) -> list[dict[str, Any]]:
+    """Records with random embeddings, ``metadata.n`` numbering them."""
+    return [{"id": str(uuid.uuid4()), "embedding": [rng.uniform(-1, 1) for _ in range(dim)], "metadata": {"n": i}}
+            for i in numbers]
+
+
 @pytest.mark.slow
 def test_server_killed_mid_writes_then_restarted(kfs_mount: Callable[..., Mount],
                                                   chroma_server: ChromaServer) -> None:
-    config = {"vector_config.yaml": {"mode": "server", "host": "127.0.0.1", "port": chroma_server.port,
-                                     "sync_mode": "streaming", "batch_size": 200}, **NO_WS}
-    mount = kfs_mount(config=config)
-    col = mount.path / "vectors" / "remote"
-    col.mkdir()
-    rng = random.Random(4)
-    records = [{"id": str(uuid.uuid4()), "embedding": [rng.uniform(-1, 1) for _ in range(16)],
-                "metadata": {"n": i}} for i in range(2000)]
+    mount, col = server_mount(kfs_mount, chroma_server, "remote", batch_size=200)
+    records = numbered(random.Random(4), 16, range(2000))
     done = threading.Event()
     written: list[int] = []
 
@@ -135,20 +146,14 @@ def test_reads_while_server_down(kfs_mount: Callable[..., Mount], chroma_server:
     export); search/ is EIO; collection.json and status say the backend is unreachable."""
     import errno
 
-    config = {"vector_config.yaml": {"mode": "server", "host": "127.0.0.1", "port": chroma_server.port,
-                                     "sync_mode": "streaming"}, **NO_WS}
-    mount = kfs_mount(config=config)
-    col = mount.path / "vectors" / "down"
-    col.mkdir()
+    mount, col = server_mount(kfs_mount, chroma_server, "down")
     rng = random.Random(5)
-    applied = [{"id": str(uuid.uuid4()), "embedding": [rng.uniform(-1, 1) for _ in range(8)],
-                "metadata": {"n": i}} for i in range(30)]
+    applied = numbered(rng, 8, range(30))
     append(col / "records.jsonl", applied)
     wait_synced(mount)
     assert json.loads((col / "collection.json").read_text())["backend_reachable"] is True
     chroma_server.kill()
-    queued = [{"id": str(uuid.uuid4()), "embedding": [rng.uniform(-1, 1) for _ in range(8)],
-               "metadata": {"n": 100 + i}} for i in range(7)]
+    queued = numbered(rng, 8, range(100, 107))
     append(col / "records.jsonl", queued)  # accepted: the queue is local
 
     data, err = read_until_error(col / "records.jsonl")

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from snapshot_doubles import MemorySink, MemorySource
+from vectors_support import JsonServer
 
 from kfs.store import StoreDir
-from kfs.vectors.backends.base import flatten_metadata, unflatten_metadata
+from kfs.vectors.backends.base import BackendError, flatten_metadata, unflatten_metadata
 from kfs.vectors.queue import CollectionQueue
 from kfs.vectors.schema import Record, SchemaError, check_collection_name, parse_record
 from kfs.vectors.search import Query, distance, export_chunks, parse_query
@@ -212,8 +215,6 @@ def test_backend_process_killed_is_restarted(tmp_path: Path) -> None:
     BackendError (the sync agent retries), the next one starts a new child on the same data."""
     import signal
 
-    from kfs.vectors.backends.base import BackendError
-
     b = make_backend("chroma-process", tmp_path / "db")
     ids = [str(uuid.UUID(int=i + 1)) for i in range(2)]
     b.ensure_collection("col", "cosine", None)
@@ -224,6 +225,55 @@ def test_backend_process_killed_is_restarted(tmp_path: Path) -> None:
     assert b.count("col") == 2
     b.close()
     b.close()  # twice: harmless
+
+
+def test_backend_process_searches_between_upsert_slices(tmp_path: Path) -> None:
+    """The searches channel, awaited by trio: answered between slices of an upsert running on the
+    calls channel (not after it), with the query text embedded in the child; after the child dies
+    it says ChannelUnavailable (the area then takes the calls channel, which starts a new child)."""
+    import signal
+    import threading
+
+    import trio
+
+    from kfs.vectors.backends.isolated import READ_SLICE, ChannelUnavailable
+
+    b = make_backend("chroma-process", tmp_path / "db")
+    rng = random.Random(3)
+    b.ensure_collection("col", "cosine", None)
+    b.upsert("col", ["near"], [[1.0] + [0.0] * 383], [{"k": 1}], ["near"])
+    n = READ_SLICE * 6
+    ids = [str(uuid.UUID(int=i + 1)) for i in range(n)]
+    vectors = [[rng.uniform(-1, 1) for _ in range(384)] for _ in ids]
+    upsert = threading.Thread(target=b.upsert, args=("col", ids, vectors, [{}] * n, ["x " * 500] * n))
+
+    async def searches() -> tuple[int, list[Any]]:
+        vector, _, found = await b.asearch("col", [1.0] + [0.0] * 383, None, 1, 384, None, [])
+        assert found[0].id == "near"
+        upsert.start()
+        await trio.sleep(0.05)  # the upsert is under way (its first slice alone takes longer)
+        during, last = 0, []
+        while upsert.is_alive():
+            vector, text_vectors, last = await b.asearch("col", None, "the cat sat", 2, 384, "all-MiniLM-L6-v2",
+                                                         ["a queued record's text"])
+            during += upsert.is_alive()
+        return during, [vector, text_vectors, last]
+
+    during, (vector, text_vectors, last) = trio.run(searches)
+    assert during >= 2  # a search waits for one slice, not for the whole upsert
+    assert len(vector) == 384 and len(text_vectors) == 1 and len(last) == 2
+    assert b.count("col") == n + 1
+
+    async def after_death() -> None:
+        os.kill(b._proc.pid, signal.SIGKILL)
+        with pytest.raises(ChannelUnavailable):
+            await b.asearch("col", [1.0] + [0.0] * 383, None, 1, 384, None, [])
+
+    trio.run(after_death)
+    with pytest.raises(BackendError):  # the calls channel notices too, and restarts the child
+        b.count("col")
+    assert b.count("col") == n + 1
+    b.close()
 
 
 @pytest.mark.parametrize("provider", ["chroma", "qdrant", "qdrant-client"])
@@ -285,37 +335,21 @@ def test_snapshot_export_and_restore(tmp_path: Path, provider: str) -> None:
 
 def test_endpoint_embedder_openai_compatible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real HTTP server on 127.0.0.1 speaking the OpenAI embeddings API."""
-    import http.server
-    import threading
-
     from kfs.vectors.embedder import EmbedderError, make_embedder
 
     seen: list[tuple[str | None, dict[str, object]]] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append((self.headers.get("Authorization"), body))
-            rows = [{"index": i, "embedding": [float(len(t)), 1.0, 0.0]} for i, t in enumerate(body["input"])]
-            out = json.dumps({"data": list(reversed(rows)), "model": body["model"]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
+    def embeddings(method: str, path: str, headers: Any, body: Any) -> tuple[int, Any]:
+        seen.append((headers.get("Authorization"), body))
+        rows = [{"index": i, "embedding": [float(len(t)), 1.0, 0.0]} for i, t in enumerate(body["input"])]
+        return 200, {"data": list(reversed(rows)), "model": body["model"]}
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with JsonServer(embeddings) as server:
         key_file = tmp_path / "key.json"
         key_file.write_text('{"api_key": "sk-test"}')
         monkeypatch.delenv("KFS_EMBEDDING_API_KEY", raising=False)
         config = SimpleNamespace(embedding_model="text-embedding-ada-002", dimension=3,
-                                 embedding_endpoint=f"http://127.0.0.1:{server.server_port}/v1/embeddings",
+                                 embedding_endpoint=server.address("/v1/embeddings"),
                                  embedding_api_key_secret=str(key_file))
         embedder = make_embedder(config)
         assert embedder.embed(["ab", "abcd"]) == [[2.0, 1.0, 0.0], [4.0, 1.0, 0.0]]  # ordered by index
@@ -323,9 +357,6 @@ def test_endpoint_embedder_openai_compatible(tmp_path: Path, monkeypatch: pytest
         monkeypatch.setenv("KFS_EMBEDDING_API_KEY", "sk-env")
         make_embedder(config).embed(["x"])
         assert seen[1][0] == "Bearer sk-env"
-    finally:
-        server.shutdown()
-        server.server_close()
     with pytest.raises(EmbedderError):
         make_embedder(config).embed(["down"])  # the server is gone: the sync agent retries later
 

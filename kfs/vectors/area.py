@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -30,12 +30,13 @@ import trio
 from kfs.fs.area import Area, Attr, AttrChanges, Ctx, Handle, SnapshotSink, SnapshotSource, fs_error
 from kfs.store import StoreDir
 from kfs.vectors.backends import Backend, BackendError, make_backend
+from kfs.vectors.backends.isolated import BadQuery, ChannelUnavailable
 from kfs.vectors.collection import Collection, Settings, load_settings, save_settings
-from kfs.vectors.embedder import ApiKeyUnavailable, Embedder, EmbedderError, make_embedder
+from kfs.vectors.embedder import ApiKeyUnavailable, Embedder, EmbedderError, MiniLMEmbedder, make_embedder
 from kfs.vectors.memory import MemorySync
 from kfs.vectors.queue import CollectionQueue, Entry
 from kfs.vectors.schema import Record, SchemaError, check_collection_name, now_rfc3339, parse_record
-from kfs.vectors.search import export_chunks, of_agent, parse_query, result_line, run_query
+from kfs.vectors.search import Query, backend_k, export_chunks, merge, of_agent, parse_query, result_line, run_query
 from kfs.vectors.secrets import SecretReader
 from kfs.vectors.sync import SyncAgent
 
@@ -48,6 +49,11 @@ SNAPSHOT_SPOOL = ".snapshot-export"
 STATS = "collection.json"
 SEARCH = "search"
 MAX_LINE = 64 << 20
+#: queued records that a search ranks in on the trio loop; more: in a worker thread
+INLINE_MERGE = 64
+#: searches started at LOOKUP, waiting for the OPEN that follows it: how many, and for how long
+PREFETCH_KEEP = 16
+PREFETCH_AGE = 2.0
 
 
 class Background:
@@ -57,6 +63,21 @@ class Background:
         self.done = trio.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+
+
+class Prefetch:
+    """A search started when the kernel looked its name up: the OPEN that follows takes it."""
+
+    def __init__(self, col: Collection, bg: Background) -> None:
+        self.col = col
+        self.bg = bg
+        self.version = col.version
+        self.started = time.monotonic()
+
+    def fresh(self, col: Collection) -> bool:
+        """Still what a search started now would answer: same collection, no write acknowledged
+        since (read-your-writes), and recent."""
+        return col is self.col and col.version == self.version and time.monotonic() - self.started < PREFETCH_AGE
 
 
 class VectorsArea(Area):
@@ -104,6 +125,7 @@ class VectorsArea(Area):
                               lambda: sorted(self.drops), self._drop_done)
         self.memory = MemorySync(bus, config.memory_sync, self._memory_accept)
         self._nursery: trio.Nursery | None = None
+        self._prefetched: dict[str, Prefetch] = {}  # path -> search begun at its LOOKUP
         self._unsubscribe_vault: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ life cycle
@@ -191,6 +213,7 @@ class VectorsArea(Area):
             "sync_lag_s": lag,
             "last_error": self.backend_error or self.sync.last_error,
             "applied": self.sync.applied,
+            "applying": self.sync.applying,
             # group commit: fewer fdatasyncs than queue writes means concurrent writes shared them
             "queue_fdatasyncs": sum(c.fsyncs for c in self.collections.values()),
             "collections": cols,
@@ -202,12 +225,13 @@ class VectorsArea(Area):
         return str(getattr(self.backend, "label", self.backend.name))
 
     # ------------------------------------------------------------------ helpers
-    def _spawn(self, fn: Callable[..., Any], *args: Any) -> Background:
+    def _start(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Background:
+        """Run ``fn(*args)`` in the area's nursery; its answer outlives the read that asked for it."""
         bg = Background()
 
         async def run() -> None:
             try:
-                bg.result = await trio.to_thread.run_sync(fn, *args)
+                bg.result = await fn(*args)
             except Exception as e:
                 bg.error = e
             finally:
@@ -216,6 +240,10 @@ class VectorsArea(Area):
         assert self._nursery is not None, "area not started"
         self._nursery.start_soon(run)
         return bg
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> Background:
+        """`_start` for blocking work: in a worker thread."""
+        return self._start(trio.to_thread.run_sync, fn, *args)
 
     async def _bounded(self, bg: Background) -> Any:
         """Wait up to READ_WAIT for ``bg``; EINTR if not done (the caller retries and finds it)."""
@@ -272,6 +300,23 @@ class VectorsArea(Area):
         if rest == [STATS] or (len(rest) == 2 and rest[0] == SEARCH):
             return Attr.regular(0, 0o444)
         raise fs_error(errno.ENOENT)
+
+    async def lookup(self, path: str) -> Attr:
+        """A query's name is looked up right before it is opened (``cat search/q``: LOOKUP, then
+        OPEN): start the search now, so it runs while the kernel and the reader make the OPEN."""
+        attr = await self.getattr(path)
+        col, rest = self._split(path)
+        if col is not None and len(rest) == 2 and rest[0] == SEARCH and self._nursery is not None:
+            try:
+                query = parse_query(rest[1], self.config.search_k)
+            except SchemaError:
+                return attr  # the open says EINVAL
+            while len(self._prefetched) >= PREFETCH_KEEP:  # looked up, never opened (stat, ls -l)
+                del self._prefetched[next(iter(self._prefetched))]
+            self._prefetched.pop(path, None)
+            self._prefetched[path] = Prefetch(col, self._start(self._search_async, col, query))
+            self.count("searches_started_at_lookup")
+        return attr
 
     async def readdir(self, path: str) -> list[tuple[str, Attr]]:
         col, rest = self._split(path)
@@ -361,13 +406,42 @@ class VectorsArea(Area):
         except SchemaError as e:
             raise fs_error(errno.EINVAL, str(e)) from None
         self.count("queries")
-        handle.extra["bg"] = self._spawn(self._search, col, query)
+        early = self._prefetched.pop(path, None)
+        if early is not None and early.fresh(col):
+            handle.extra["bg"] = early.bg
+        else:  # opened again within the kernel's entry timeout (no LOOKUP), or written to since
+            handle.extra["bg"] = self._start(self._search_async, col, query)
         return handle
 
-    def _search(self, col: Collection, query: Any) -> bytes:
+    async def _search_async(self, col: Collection, query: Query) -> bytes:
+        """A search: awaited on the backend process's searches channel where there is one (no
+        worker thread: embedding and query are one round trip to the child), else in a thread."""
+        overlay = col.overlay()  # before the backend answers: see search.merge
+        asearch = getattr(self.backend, "asearch", None)
+        local = isinstance(self.embedder, MiniLMEmbedder)  # the child can run the same model
+        todo = [r for r in overlay.values() if not r.delete and r.embedding is None and r.text]
+        if asearch is not None and col.ensured and (local or (query.text is None and not todo)):
+            try:
+                vector, vectors, found = await asearch(
+                    col.name, query.vector, query.text, backend_k(query, overlay), col.dimension,
+                    self.embedder.model if local else None, [r.text for r in todo])
+            except ChannelUnavailable:
+                pass  # no child right now: the thread path's call starts one
+            except BadQuery as e:
+                raise SchemaError(str(e)) from None
+            else:
+                for record, embedding in zip(todo, vectors, strict=True):
+                    record.embedding = embedding  # as embed_missing does: the sync agent reuses it
+                args = (col.settings.distance, vector, found, overlay, query.k)
+                ranked = merge(*args) if len(overlay) <= INLINE_MERGE else await trio.to_thread.run_sync(merge, *args)
+                self.count("searches_awaited")
+                return b"".join(result_line(r) for r in ranked)
+        return await trio.to_thread.run_sync(self._search, col, query, overlay)
+
+    def _search(self, col: Collection, query: Query, overlay: dict[str, Record] | None = None) -> bytes:
         self._ensure_in_backend(col)
         found = run_query(self.backend, self.embedder, col.name, col.settings.distance, col.dimension,
-                          col.overlay(), query)
+                          col.overlay() if overlay is None else overlay, query)
         return b"".join(result_line(r) for r in found)
 
     def _stats(self, col: Collection) -> bytes:
@@ -571,8 +645,6 @@ class VectorsArea(Area):
             col = self.collections.get(str(args.get("collection")))
             if col is None:
                 raise fs_error(errno.ENOENT, f"no collection {args.get('collection')!r}")
-            from kfs.vectors.search import Query
-
             k = int(args.get("k") or self.config.search_k)
             vector = args.get("vector")
             query = Query(k, text=args.get("text"), vector=vector)

@@ -43,6 +43,8 @@ class Collection:
         self.accepted_at: dict[int, float] = {}  # seq -> monotonic time, for the sync lag
         self._syncing: trio.Event | None = None  # set when the fdatasync in flight is done
         self.fsyncs = 0
+        #: bumped whenever writes are acknowledged: a search started earlier may not have seen them
+        self.version = 0
 
     async def wait_durable(self, last_seq: int, epoch: int) -> None:
         """Group commit: return once the queue is fdatasynced up to ``last_seq``.  The first
@@ -85,6 +87,7 @@ class Collection:
         return out
 
     def note_accepted(self, entries: list[Entry]) -> None:
+        self.version += 1
         now = time.monotonic()
         for e in entries:
             self.accepted_at[e.seq] = now

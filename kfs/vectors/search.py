@@ -96,16 +96,28 @@ def run_query(backend: Backend, embedder: Embedder, name: str, metric: str, dime
         raise SchemaError(f"the query has {len(vector)} dimensions, the collection has {dimension}")
     pending = [r for r in overlay.values() if not r.delete]
     embed_missing(pending, embedder)
-    # Ask for more than k: queued deletes and updates may hide some of the backend's answers.
-    found = backend.query(name, vector, query.k + len(overlay)) if dimension is not None else []
+    found = backend.query(name, vector, backend_k(query, overlay)) if dimension is not None else []
+    return merge(metric, vector, found, overlay, query.k)
+
+
+def backend_k(query: Query, overlay: dict[str, Record]) -> int:
+    """Ask for more than k: queued deletes and updates may hide some of the backend's answers."""
+    return query.k + len(overlay)
+
+
+def merge(metric: str, vector: Sequence[float], found: list[StoredRecord], overlay: dict[str, Record],
+          k: int) -> list[StoredRecord]:
+    """The backend's nearest records with the queued ones ranked in (read-your-writes): a queued
+    delete or update hides the backend's copy; queued upserts are scored here."""
     results = [r for r in found if r.id not in overlay]
-    pending = [r for r in pending if r.embedding is not None and len(r.embedding) == len(vector)]
+    pending = [r for r in overlay.values()
+               if not r.delete and r.embedding is not None and len(r.embedding) == len(vector)]
     if pending:
         scores = distances(metric, vector, np.stack([np.asarray(r.embedding, dtype=np.float64) for r in pending]))
         for r, score in zip(pending, scores, strict=True):
             results.append(StoredRecord(r.id, None, r.metadata, r.text, float(score)))
     results.sort(key=lambda r: r.distance or 0.0)
-    return results[: query.k]
+    return results[:k]
 
 
 def export_line(record_id: str, embedding: Sequence[float] | None, metadata: dict[str, Any],

@@ -47,6 +47,8 @@ class SyncAgent:
         self.batches = 0
         self.running = False
         self.suspect = False  # a read saw the backend fail: probe it until it answers again
+        #: records of the batch the backend is applying right now (0: none); searches still run
+        self.applying = 0
 
     def report_failure(self, error: str) -> None:
         """A read (export, search, stats) found the backend down: say so in the status until a
@@ -113,7 +115,11 @@ class SyncAgent:
         batch = col.queue.applicable(self.config.batch_size)
         if not batch:
             return
-        await trio.to_thread.run_sync(self._apply, col.name, batch)
+        self.applying = len(batch)
+        try:
+            await trio.to_thread.run_sync(self._apply, col.name, batch)
+        finally:
+            self.applying = 0
         last = batch[-1].seq
         async with col.lock:
             if col.removed or (col.queue.pending and col.queue.pending[0].seq > last):

@@ -8,6 +8,7 @@ the user's, whole: backends keep it losslessly however they store it.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,3 +97,40 @@ class Backend:
     def query(self, name: str, embedding: Sequence[float], k: int) -> list[StoredRecord]:
         """The ``k`` nearest records, nearest first, with ``distance`` set."""
         raise NotImplementedError
+
+
+class LockedBackend(Backend):
+    """A backend around one client library object: one call at a time under a lock (not every
+    client is thread-safe), the library's exceptions as `BackendError` naming the backend, and a
+    `close` that closes the client and forgets what was cached about its collections."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._client: Any = None
+
+    def _forget(self) -> None:
+        """Drop what is cached about collections (closed; or a failure may have made it stale)."""
+
+    def _failed(self) -> None:
+        """A call failed (a restarted or shared server?): by default, the cache stays."""
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        self.connect()
+        with self._lock:
+            try:
+                return fn(*args)
+            except BackendError:
+                raise
+            except Exception as e:
+                self._failed()
+                raise BackendError(f"{self.name}: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                try:
+                    self._client.close()
+                except Exception:
+                    pass
+            self._client = None
+            self._forget()

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from kfs.vectors.backends.base import (
-    Backend,
     BackendError,
+    LockedBackend,
     StoredRecord,
     flatten_metadata,
     unflatten_metadata,
 )
 
 
-class ChromaBackend(Backend):
+class ChromaBackend(LockedBackend):
     name = "chroma"
 
     def __init__(self, config: Any, store_path: str) -> None:
@@ -25,10 +24,8 @@ class ChromaBackend(Backend):
         self.host = config.host
         self.port = config.port
         self.path = store_path
-        self._client: Any = None
+        super().__init__()  # one call at a time: Chroma's embedded client is not documented as thread-safe
         self._collections: dict[str, Any] = {}
-        # One call at a time: simple, and Chroma's embedded client is not documented as thread-safe.
-        self._lock = threading.Lock()
 
     @property
     def label(self) -> str:
@@ -50,17 +47,9 @@ class ChromaBackend(Backend):
             except Exception as e:  # server down, bad path: the caller retries
                 raise BackendError(f"chroma: cannot connect: {e}") from e
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        self.connect()
-        with self._lock:
-            try:
-                return fn(*args, **kwargs)
-            except BackendError:
-                raise
-            except Exception as e:
-                # A restarted server forgets nothing, but our collection handles may be stale.
-                self._collections.clear()
-                raise BackendError(f"chroma: {type(e).__name__}: {e}") from e
+    def _failed(self) -> None:
+        # A restarted server forgets nothing, but our collection handles may be stale.
+        self._collections.clear()
 
     def _collection(self, name: str) -> Any:
         col = self._collections.get(name)

@@ -10,11 +10,10 @@ created, so one made by ``mkdir`` is created at its first upsert.  Fields:
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
-from kfs.vectors.backends.base import Backend, BackendError, StoredRecord
+from kfs.vectors.backends.base import BackendError, LockedBackend, StoredRecord
 
 PREFIX = "kfs_"
 _ESCAPES = {"_": "_5f", ".": "_2e", "-": "_2d"}
@@ -69,17 +68,16 @@ def _import_client() -> Any:
     return MilvusClient
 
 
-class MilvusBackend(Backend):
+class MilvusBackend(LockedBackend):
     name = "milvus"
 
     def __init__(self, config: Any, store_path: str) -> None:
         self.mode = config.mode
         self.uri = f"{store_path}/milvus.db" if config.mode == "embedded" else f"http://{config.host}:{config.port}"
         self.label = "milvus (embedded, Milvus Lite)" if config.mode == "embedded" else f"milvus ({self.uri})"
-        self._client: Any = None
+        super().__init__()
         self._distance: dict[str, str] = {}
         self._loaded: set[str] = set()
-        self._lock = threading.Lock()
 
     def connect(self) -> None:
         with self._lock:
@@ -92,25 +90,8 @@ class MilvusBackend(Backend):
                 except Exception as e:
                     raise BackendError(f"milvus: cannot connect to {self.uri}: {e}") from e
 
-    def _call(self, fn: Any) -> Any:
-        self.connect()
-        with self._lock:
-            try:
-                return fn()
-            except BackendError:
-                raise
-            except Exception as e:
-                raise BackendError(f"milvus: {type(e).__name__}: {e}") from e
-
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                try:
-                    self._client.close()
-                except Exception:
-                    pass
-                self._client = None
-            self._loaded.clear()
+    def _forget(self) -> None:
+        self._loaded.clear()
 
     def _exists(self, name: str) -> bool:
         """Whether the collection exists, loaded for queries (a reopened database has them released)."""

@@ -14,11 +14,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import threading
 from collections.abc import Sequence
 from typing import Any
 
-from kfs.vectors.backends.base import Backend, BackendError, StoredRecord
+from kfs.vectors.backends.base import BackendError, LockedBackend, StoredRecord
 from kfs.vectors.schema import RESERVED_PREFIX
 
 DOC_KEY = RESERVED_PREFIX + "_doc"
@@ -66,15 +65,53 @@ def scored_records(points: Sequence[Any], metric: str) -> list[StoredRecord]:
     return out
 
 
-class QdrantEdgeBackend(Backend):
+class QdrantBackend(LockedBackend):
+    """What both Qdrant backends (qdrant-edge here, qdrant-client in `qdrant_server`) share: reads
+    of a collection that may not exist yet (made by mkdir, created at its first upsert), as records."""
+
     name = "qdrant"
+
+    def _count(self, name: str) -> int | None:
+        """Points in ``name``; None if it does not exist yet."""
+        raise NotImplementedError
+
+    def _scroll(self, name: str, cursor: Any, limit: int) -> tuple[Sequence[Any], Any] | None:
+        """Up to ``limit`` points with vectors from ``cursor``, and the next cursor; None: no collection."""
+        raise NotImplementedError
+
+    def _nearest(self, name: str, vector: list[float], k: int) -> tuple[Sequence[Any], str] | None:
+        """The ``k`` nearest points and the collection's distance; None: no collection."""
+        raise NotImplementedError
+
+    def count(self, name: str) -> int:
+        return int(self._call(lambda: self._count(name) or 0))
+
+    def page(self, name: str, cursor: Any, limit: int) -> tuple[list[StoredRecord], Any]:
+        def run() -> tuple[list[StoredRecord], Any]:
+            got = self._scroll(name, cursor, limit)
+            if got is None:
+                return [], None
+            points, nxt = got
+            return [stored_record(p, True) for p in points], nxt
+
+        return self._call(run)  # type: ignore[no-any-return]
+
+    def query(self, name: str, embedding: Sequence[float], k: int) -> list[StoredRecord]:
+        def run() -> list[StoredRecord]:
+            got = self._nearest(name, [float(x) for x in embedding], k)
+            return [] if got is None else scored_records(*got)
+
+        return self._call(run)  # type: ignore[no-any-return]
+
+
+class QdrantEdgeBackend(QdrantBackend):
     label = "qdrant (embedded, qdrant-edge)"
 
     def __init__(self, config: Any, store_path: str) -> None:
+        super().__init__()
         self.path = store_path
         self._shards: dict[str, Any] = {}
         self._distance: dict[str, str] = {}
-        self._lock = threading.Lock()
         self._q: Any = None
 
     def connect(self) -> None:
@@ -96,16 +133,6 @@ class QdrantEdgeBackend(Backend):
             shard = self._q.EdgeShard.load(self._dir(name))
             self._shards[name] = shard
         return shard
-
-    def _call(self, fn: Any, *args: Any) -> Any:
-        self.connect()
-        with self._lock:
-            try:
-                return fn(*args)
-            except BackendError:
-                raise
-            except Exception as e:
-                raise BackendError(f"qdrant: {type(e).__name__}: {e}") from e
 
     def close(self) -> None:
         with self._lock:
@@ -174,33 +201,21 @@ class QdrantEdgeBackend(Backend):
 
         self._call(run)
 
-    def count(self, name: str) -> int:
-        def run() -> int:
-            shard = self._shard(name)
-            return 0 if shard is None else int(shard.count(self._q.CountRequest()))
+    def _count(self, name: str) -> int | None:
+        shard = self._shard(name)
+        return None if shard is None else int(shard.count(self._q.CountRequest()))
 
-        return int(self._call(run))
+    def _scroll(self, name: str, cursor: Any, limit: int) -> tuple[Sequence[Any], Any] | None:
+        shard = self._shard(name)
+        if shard is None:
+            return None
+        return shard.scroll(self._q.ScrollRequest(offset=cursor, limit=limit, with_payload=True,  # type: ignore[no-any-return]
+                                                  with_vector=True))
 
-    def page(self, name: str, cursor: Any, limit: int) -> tuple[list[StoredRecord], Any]:
-        def run() -> tuple[list[StoredRecord], Any]:
-            shard = self._shard(name)
-            if shard is None:
-                return [], None
-            points, nxt = shard.scroll(self._q.ScrollRequest(offset=cursor, limit=limit, with_payload=True,
-                                                             with_vector=True))
-            return [stored_record(p, True) for p in points], nxt
-
-        return self._call(run)  # type: ignore[no-any-return]
-
-    def query(self, name: str, embedding: Sequence[float], k: int) -> list[StoredRecord]:
-        def run() -> list[StoredRecord]:
-            shard = self._shard(name)
-            if shard is None:
-                return []
-            q = self._q
-            found = shard.query(q.QueryRequest(limit=k, query=q.Query.Nearest([float(x) for x in embedding]),
-                                               with_payload=True))
-            metric = self._distance.get(name, "cosine")
-            return scored_records(found, metric)
-
-        return self._call(run)  # type: ignore[no-any-return]
+    def _nearest(self, name: str, vector: list[float], k: int) -> tuple[Sequence[Any], str] | None:
+        shard = self._shard(name)
+        if shard is None:
+            return None
+        q = self._q
+        found = shard.query(q.QueryRequest(limit=k, query=q.Query.Nearest(vector), with_payload=True))
+        return found, self._distance.get(name, "cosine")

@@ -18,13 +18,12 @@ created, so one made by ``mkdir`` is created at its first upsert.
 from __future__ import annotations
 
 import logging
-import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from kfs.vectors.backends.base import Backend, BackendError, StoredRecord
-from kfs.vectors.backends.qdrant import point_fields, scored_records, stored_record
+from kfs.vectors.backends.base import BackendError
+from kfs.vectors.backends.qdrant import QdrantBackend, point_fields
 from kfs.vectors.secrets import SecretReader, SecretRef, SecretUnavailable
 
 log = logging.getLogger("kfs.vectors.qdrant")
@@ -34,9 +33,7 @@ TIMEOUT = 10
 _METRICS = {"cosine": "Cosine", "l2": "Euclid", "ip": "Dot"}
 
 
-class QdrantClientBackend(Backend):
-    name = "qdrant"
-
+class QdrantClientBackend(QdrantBackend):
     def __init__(self, config: Any, store_path: str, secrets: SecretReader | None = None) -> None:
         self.mode = config.mode
         self.host = config.host
@@ -46,13 +43,11 @@ class QdrantClientBackend(Backend):
         self.api_key_ref = SecretRef.parse(api_key) if api_key else None
         self.secrets = secrets or SecretReader(None)
         self.path = store_path
-        self._client: Any = None
+        super().__init__()  # one call at a time: qdrant-client's local mode is not thread-safe
         self._models: Any = None
         #: collection -> distance ("cosine", "l2", "ip"), as the collection was created with
         self._metric: dict[str, str] = {}
         self._wanted: dict[str, str] = {}  # ensure_collection's distance, for the first upsert
-        # One call at a time: qdrant-client's local mode is not thread-safe.
-        self._lock = threading.Lock()
 
     @property
     def label(self) -> str:
@@ -88,26 +83,11 @@ class QdrantClientBackend(Backend):
                 raise BackendError(f"qdrant: cannot connect: {type(e).__name__}: {e}") from e
             self._models = models
 
-    def _call(self, fn: Any, *args: Any) -> Any:
-        self.connect()
-        with self._lock:
-            try:
-                return fn(*args)
-            except BackendError:
-                raise
-            except Exception as e:
-                self._metric.clear()  # a restarted or shared server: ask again
-                raise BackendError(f"qdrant: {type(e).__name__}: {e}") from e
+    def _forget(self) -> None:
+        self._metric.clear()
 
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                try:
-                    self._client.close()
-                except Exception:
-                    pass
-            self._client = None
-            self._metric.clear()
+    def _failed(self) -> None:
+        self._forget()  # a restarted or shared server: ask again
 
     def _distance_of(self, name: str) -> str | None:
         """The collection's distance (None: it does not exist yet)."""
@@ -182,31 +162,19 @@ class QdrantClientBackend(Backend):
 
         self._call(run)
 
-    def count(self, name: str) -> int:
-        def run() -> int:
-            if self._distance_of(name) is None:
-                return 0
-            return int(self._client.count(name, exact=True).count)
+    def _count(self, name: str) -> int | None:
+        if self._distance_of(name) is None:
+            return None
+        return int(self._client.count(name, exact=True).count)
 
-        return int(self._call(run))
+    def _scroll(self, name: str, cursor: Any, limit: int) -> tuple[Sequence[Any], Any] | None:
+        if self._distance_of(name) is None:
+            return None
+        return self._client.scroll(name, limit=limit, offset=cursor, with_payload=True,  # type: ignore[no-any-return]
+                                   with_vectors=True)
 
-    def page(self, name: str, cursor: Any, limit: int) -> tuple[list[StoredRecord], Any]:
-        def run() -> tuple[list[StoredRecord], Any]:
-            if self._distance_of(name) is None:
-                return [], None
-            points, nxt = self._client.scroll(name, limit=limit, offset=cursor, with_payload=True,
-                                              with_vectors=True)
-            return [stored_record(p, True) for p in points], nxt
-
-        return self._call(run)  # type: ignore[no-any-return]
-
-    def query(self, name: str, embedding: Sequence[float], k: int) -> list[StoredRecord]:
-        def run() -> list[StoredRecord]:
-            metric = self._distance_of(name)
-            if metric is None:
-                return []
-            found = self._client.query_points(name, query=[float(x) for x in embedding], limit=k,
-                                              with_payload=True).points
-            return scored_records(found, metric)
-
-        return self._call(run)  # type: ignore[no-any-return]
+    def _nearest(self, name: str, vector: list[float], k: int) -> tuple[Sequence[Any], str] | None:
+        metric = self._distance_of(name)
+        if metric is None:
+            return None
+        return self._client.query_points(name, query=vector, limit=k, with_payload=True).points, metric
