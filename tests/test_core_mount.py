@@ -129,3 +129,17 @@ def test_statfs_reports_the_store_filesystem(kfs_mount) -> None:  # type: ignore
     assert on_mount.f_namemax == 255
     df = subprocess.run(["df", str(mount.path)], capture_output=True, text=True, check=True)
     assert "kfs" in df.stdout
+
+
+def test_sequential_readahead_is_raised_to_one_mebibyte(kfs_mount) -> None:  # type: ignore[no-untyped-def]
+    mount: Mount = kfs_mount()
+    dev = os.stat(mount.path).st_dev
+    window = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert mount.status()["fuse"]["readahead_kb"] == 1024
+    assert window.read_text().strip() == "1024"
+    # and a log still reads back whole through the larger window
+    lines = b"".join(b'{"n":%d,"pad":"%s"}\n' % (i, b"x" * 200) for i in range(20_000))
+    with open(mount.path / "logs" / "ra.log.jsonl", "ab") as f:
+        f.write(lines)
+    stored = (mount.path / "logs" / "ra.log.jsonl").read_bytes()
+    assert stored.count(b"\n") == 20_000 and b'"n":19999' in stored
