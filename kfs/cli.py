@@ -86,10 +86,17 @@ def is_mounted(path: str) -> bool:
 
 
 def is_stale_mount(path: str) -> bool:
+    """True when ``path`` is a FUSE mount whose daemon is gone ("Transport endpoint is not connected").
+
+    Opening the directory, not ``stat``: the kernel answers ``stat`` of a dead mount's root
+    from its attribute cache for as long as the attribute timeout, while an open always
+    needs the daemon.
+    """
     try:
-        os.stat(path)
+        with os.scandir(path) as entries:
+            next(entries, None)
     except OSError as e:
-        return e.errno == errno.ENOTCONN
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
 
 

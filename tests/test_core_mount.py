@@ -75,6 +75,7 @@ def test_sigterm_unmounts_cleanly(kfs_mount) -> None:  # type: ignore[no-untyped
 def test_remount_after_kill9_cleans_the_dead_mount(kfs_mount) -> None:  # type: ignore[no-untyped-def]
     mount: Mount = kfs_mount()
     assert mount.pid is not None
+    os.stat(mount.path)  # the root's attributes now cached: stat keeps answering after the kill
     os.kill(mount.pid, signal.SIGKILL)
     mount._wait_exit()
     mount.pid = None
