@@ -1,9 +1,12 @@
 """The in-daemon event bus: areas publish, streams/triggers/metrics subscribe.
 
 Publishing is synchronous and never blocks: each subscriber is a callable run
-inline, and must only record the event (append to a buffer, ``send_nowait`` on
-a channel it owns).  That way nothing published is lost between publisher and
-subscriber, and no area has to import another.
+inline, and must not block or wait: it records the event (append to a buffer,
+``send_nowait`` on a channel it owns) or, when that is cheaper than waking a
+task of its own, does its short work at once (the streams area stores log lines
+on the ``logs`` stream inside the logs/ write that published them).  That way
+nothing published is lost between publisher and subscriber, and no area has to
+import another.
 
 Topics used so far (``data`` is a JSON-serialisable dict):
   log_lines           {"file": "kai.log.jsonl", "data": b"...", "count": N, "records": [{...}, ...]}

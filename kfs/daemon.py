@@ -289,6 +289,8 @@ class Daemon:
         if direct is not None:
             # requests waited for without a trio scheduler pass, and those that went through trio
             status["waits"] = {"direct": direct.direct, "via_trio": direct.via_trio, "yields": direct.yields}
+            if direct.spin is not None:
+                status["waits"].update(direct.spin.state())
         return status
 
     async def handle_command(self, cmd: str, args: dict[str, Any]) -> Any:

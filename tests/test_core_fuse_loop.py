@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -231,10 +233,72 @@ def test_direct_wait_falls_back_to_trio_without_its_internals() -> None:
     assert direct.direct == 0 and direct.via_trio >= 200
 
 
-@pytest.mark.parametrize("wait", ["direct", "trio"])
+def test_spin_window_grows_while_requests_come_soon_and_shrinks_to_nothing_when_idle() -> None:
+    spin = fuse_loop.AdaptiveSpin(max_window=0.0002)
+    assert spin.window == 0  # a fresh mount does not poll
+    spin.slept(0.00003)  # the request came 30 us after the wait began: polling would have caught it
+    assert spin.window == fuse_loop.SPIN_START
+    for _ in range(10):
+        spin.slept(0.00005)
+    assert spin.window == 0.0002  # doubled up to the cap, never past it
+    spin.slept(0.5)  # a long sleep: the caller paused
+    assert spin.window == 0.0001
+    for _ in range(10):
+        spin.slept(0.5)
+    assert spin.window == 0  # idle: no polling at all
+
+
+def test_spin_poll_returns_what_came_or_nothing_within_its_window() -> None:
+    server, client = socket.socketpair()
+    poller = select.epoll()
+    poller.register(server.fileno(), select.EPOLLIN)
+    try:
+        spin = fuse_loop.AdaptiveSpin()
+        spin.window = 0.0002
+        started = time.monotonic()
+        assert spin.poll(poller, limit=1.0) == []
+        assert time.monotonic() - started < 0.5  # bounded by the window, not the limit
+        assert (spin.hits, spin.misses) == (0, 1)
+        client.sendall(b"x")
+        assert spin.poll(poller, limit=1.0) == [(server.fileno(), select.EPOLLIN)]
+        assert spin.hits == 1
+        spin.window = 0.0
+        assert spin.poll(poller, limit=1.0) == []  # no window: no polling, not counted
+        assert (spin.hits, spin.misses) == (1, 1)
+    finally:
+        poller.close()
+        server.close()
+        client.close()
+
+
+def test_direct_wait_with_polling_serves_every_request_and_starves_nobody() -> None:
+    spin = fuse_loop.AdaptiveSpin()
+    direct = fuse_loop.DirectWait(spin=spin)
+    result = trio.run(_direct_pool, 2000, direct)
+    assert result["served"] == [b"%04d" % i for i in range(2000)]
+    late = result["late"]
+    assert isinstance(late, list) and len(late) >= 3
+    assert max(late) < 0.5
+    assert spin.hits + spin.misses > 0  # waits polled before sleeping
+
+
+def test_spin_setting_comes_from_the_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("KFS_FUSE_SPIN_US", "0")
+    assert fuse_loop.spin_from_environment() is None
+    monkeypatch.setenv("KFS_FUSE_SPIN_US", "50")
+    spin = fuse_loop.spin_from_environment()
+    assert spin is not None and spin.max_window == pytest.approx(0.00005)
+    monkeypatch.setenv("KFS_FUSE_SPIN_US", "fast")
+    spin = fuse_loop.spin_from_environment()  # a typo keeps the default (and is logged)
+    assert spin is not None and spin.max_window == fuse_loop.SPIN_MAX
+
+
+@pytest.mark.parametrize("wait", ["direct", "trio", "direct-no-spin"])
 def test_open_append_close_cycles_through_either_wait(kfs_mount, monkeypatch, wait: str) -> None:  # type: ignore[no-untyped-def]
     if wait == "trio":
         monkeypatch.setenv("KFS_FUSE_WAIT", "trio")  # the daemon inherits it from `kfs mount`
+    if wait == "direct-no-spin":
+        monkeypatch.setenv("KFS_FUSE_SPIN_US", "0")
     m: Mount = kfs_mount()
     log = m.path / "logs" / "cycles.log.jsonl"
     for i in range(300):
@@ -246,3 +310,4 @@ def test_open_append_close_cycles_through_either_wait(kfs_mount, monkeypatch, wa
         assert "waits" not in fuse
     else:
         assert fuse["waits"]["direct"] > 0  # requests were waited for without a scheduler pass
+        assert ("spin_hits" in fuse["waits"]) == (wait == "direct")

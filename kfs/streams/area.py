@@ -92,7 +92,7 @@ class StreamsArea(Area):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.handles: set[StreamHandle] = set()
-        # Bus events recorded by the subscriber, published by a task of ours.
+        # Bus events not yet published: those from other threads wait here for our pump task.
         self._inbox: deque[Event] = deque()
         self._inbox_wakeup = trio.Event()
         self._trio_token: trio.lowlevel.TrioToken | None = None
@@ -105,6 +105,7 @@ class StreamsArea(Area):
         self.websocket: WebSocketServer | None = None
         self.nats: NatsBridge | None = None
         self._stopped = False
+        self._draining = False
 
     # ------------------------------------------------------------------ life cycle
     async def start(self, nursery: trio.Nursery) -> None:
@@ -165,13 +166,24 @@ class StreamsArea(Area):
 
     # ------------------------------------------------------------------ bus intake
     def _on_bus_event(self, event: Event) -> None:
-        """Bus subscriber: only records (may run on any thread)."""
+        """Bus subscriber (any thread): publishes at once on the trio loop, else hands to the pump."""
         if event.topic == STREAM_TOPIC:
             return  # our own events, already in their stream
         self._inbox.append(event)
         if threading.get_ident() == self._loop_thread:
-            self._inbox_wakeup.set()
-        elif self._trio_token is not None:
+            # On the loop (a logs/ write, a lock of the vault): publish now, inside the publisher's
+            # request.  Waking the pump instead cost a scheduler pass per log write (~35 us, a
+            # fifth of an open-append-close), and the event is on disk before the writer is
+            # answered.  An event published while we publish (a subscriber of ours reacting)
+            # waits in the inbox for the loop below.
+            if not self._draining:
+                self._draining = True
+                try:
+                    self._drain_inbox()
+                finally:
+                    self._draining = False
+            return
+        if self._trio_token is not None:
             try:
                 self._trio_token.run_sync_soon(self._inbox_wakeup.set)
             except trio.RunFinishedError:
