@@ -100,6 +100,16 @@ def test_fast_path_edge_cases() -> None:
     assert LineValidator().process(b'{"timestamp":"t"} \n').data == b'{"timestamp":"t"}\n'
 
 
+@pytest.mark.parametrize("after", [b" ", b"\t", b"\r"])
+def test_whitespace_after_an_object_in_a_compact_batch_is_trimmed(after: bytes) -> None:
+    """The batch check looks at last bytes only where the batch holds whitespace: any of it counts."""
+    raw = b'{"timestamp":"t","a":1}\n{"timestamp":"t","b":2}' + after + b'\n{"timestamp":"t","c":3}\n'
+    assert LineValidator().process(raw).data == raw.replace(after, b"")
+    stamped = LineValidator().process(raw.replace(b'"timestamp":"t",', b""))
+    assert [json.loads(x) for x in stamped.data.splitlines()] == stamped.records
+    assert stamped.data.count(b"}\n") == 3 and after not in stamped.data
+
+
 def test_split_complete() -> None:
     assert split_complete(b"ab", b"c\nde") == (b"abc\n", b"de")
     assert split_complete(b"", b"abc") == (b"", b"abc")

@@ -75,7 +75,7 @@ def test_publish_objects_stores_what_publish_many_would(tmp_path: Path) -> None:
     """Log bursts are stamped at the byte level: the same fields as the dict path, the writer's bytes kept."""
     broker = Broker(store_at(tmp_path), 1000, 1 << 20, "node-a")
     seen: list[tuple[str, int, int]] = []
-    broker.batch_listeners.append(lambda name, first, lines, origin: seen.append((name, first, len(lines))))
+    broker.batch_listeners.append(lambda name, first, count, origin: seen.append((name, first, count)))
     lines = [b'{"timestamp":"2026-01-01T00:00:00.000Z","msg":"a","n":1.50}', b'{"timestamp":"t2","x":[1,{"y":null}]}']
     records = [json.loads(x) for x in lines]
     assert broker.publish_objects("logs", b"\n".join(lines) + b"\n", records, {"file": "kai.log.jsonl"}) == range(1, 3)
@@ -288,3 +288,51 @@ def test_append_many_large_bursts_byte_exact(tmp_path: Path) -> None:
     on_disk = b"".join((tmp_path / "streams" / seg.name).read_bytes() for seg in log.segments)
     assert on_disk == b"".join(lines)[log.start_offset:]
     assert len(log.segments) > 1  # segment_bytes (512 KiB) cut the bursts
+
+
+def test_append_block_cuts_segments_at_line_boundaries(tmp_path: Path) -> None:
+    """One buffer for a burst: segments roll between lines (by count and by bytes), as line by line."""
+    one = SegmentLog.open(store_at(tmp_path, "one"), 80, 40 * 1024)  # segments of 10 events, 5 KiB
+    block = SegmentLog.open(store_at(tmp_path, "block"), 80, 40 * 1024)
+    lines = [b'{"i":%d,"pad":"%s"}\n' % (i, b"x" * (i * 37 % 900)) for i in range(200)]
+    lines[50] = b'{"big":"%s"}\n' % (b"y" * 6000)  # larger than a segment: alone in one
+    for line in lines:
+        one.append(line)
+    for base in range(0, 200, 47):
+        part = lines[base: base + 47]
+        block.append_block(b"".join(part), list(map(len, part)))
+    assert (one.first_seq, one.next_seq, one.end_offset) == (block.first_seq, block.next_seq, block.end_offset)
+    assert list(one.offsets) == list(block.offsets)
+    assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "block"))
+    for name in os.listdir(tmp_path / "one"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "block" / name).read_bytes()
+    reloaded = SegmentLog.open(store_at(tmp_path, "block"), 80, 40 * 1024)
+    assert list(reloaded.offsets) == list(block.offsets)
+
+
+def test_publish_objects_index_and_listeners_match_the_stored_lines(tmp_path: Path) -> None:
+    """Bursts rendered in one piece: seqs crossing a power of ten, "%" in the bytes and the file name,
+    both paths (own seq or not); the offset index, a reload and per-line listeners agree."""
+    broker = Broker(store_at(tmp_path), 10_000, 64 << 20, "node-a")
+    heard: list[tuple[int, bytes]] = []
+    broker.listeners.append(lambda name, seq, line, origin: heard.append((seq, line)))
+    counts: list[int] = []
+    broker.batch_listeners.append(lambda name, first, count, origin: counts.append(count))
+    plain = [b'{"timestamp":"t","msg":"50%% %d %%s"}' % i for i in range(7)]
+    numbered = [b'{"timestamp":"t","seq":%d,"msg":"%%d"}' % i for i in range(95)]
+    for burst in (plain, numbered, plain, numbered[:1], plain[:1]):
+        records = [json.loads(x) for x in burst]
+        broker.publish_objects("logs", b"\n".join(burst) + b"\n", records, {"file": "100%.log.jsonl"})
+    log = broker.streams["logs"].log
+    assert counts == [7, 95, 7, 1, 1] and log.next_seq == 112
+    stored = [log.line(seq) for seq in range(1, 112)]
+    assert heard == list(zip(range(1, 112), stored, strict=True))
+    assert stored[1] == b'{"seq":2,"stream":"logs","timestamp":"t","msg":"50% 1 %s","file":"100%.log.jsonl"}\n'
+    assert stored[9] == b'{"seq":10,"stream":"logs","timestamp":"t","msg":"%d","file":"100%.log.jsonl"}\n'
+    assert stored[102] == b'{"seq":103,"stream":"logs","timestamp":"t","msg":"50% 0 %s","file":"100%.log.jsonl"}\n'
+    assert b"".join(stored) == b"".join((tmp_path / "streams" / "logs" / seg.name).read_bytes()
+                                        for seg in log.segments)
+    broker.close()
+    reloaded = Broker(store_at(tmp_path), 10_000, 64 << 20, "node-a").streams["logs"].log
+    assert stored[110] == b'{"seq":111,"stream":"logs","timestamp":"t","msg":"50% 0 %s","file":"100%.log.jsonl"}\n'
+    assert list(reloaded.offsets) == list(log.offsets) and reloaded.next_seq == 112

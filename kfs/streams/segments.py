@@ -31,28 +31,10 @@ from kfs.store import StoreDir
 SEGMENT_RE = re.compile(r"^(\d{20})-(\d{20})\.jsonl$")
 
 
-#: buffers per writev (the kernel's IOV_MAX)
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-
-
-def _write_all(fd: int, lines: list[bytes], total: int) -> None:
-    """Append ``lines`` (``total`` bytes) with ``writev``: no joined copy of a burst to allocate."""
-    if len(lines) == 1:
-        view = memoryview(lines[0])
-        while view:
-            view = view[os.write(fd, view):]
-        return
-    if total <= 1 << 16:  # small: one copy is cheaper than the iovec setup
-        _write_all(fd, [b"".join(lines)], total)
-        return
-    start = 0
-    while start < len(lines):
-        group = lines[start: start + IOV_MAX]
-        written = os.writev(fd, group)
-        expected = sum(map(len, group))
-        if written != expected:  # short write (disk full...): finish this group by hand
-            _write_all(fd, [memoryview(b"".join(group))[written:].tobytes()], expected - written)
-        start += IOV_MAX
+def _write_all(fd: int, view: memoryview) -> None:
+    """Write all of ``view`` (``os.write`` may stop short: disk full, a signal)."""
+    while view:
+        view = view[os.write(fd, view):]
 
 
 @dataclass
@@ -161,9 +143,7 @@ class SegmentLog:
             seg = self._roll()
         if seg.fd < 0:
             seg.fd = self.directory.open_fd(seg.name, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
-        view = memoryview(line)
-        while view:
-            view = view[os.write(seg.fd, view):]
+        _write_all(seg.fd, memoryview(line))
         seq, offset = self.next_seq, self.end_offset
         self.offsets.append(offset)
         seg.size += len(line)
@@ -174,36 +154,48 @@ class SegmentLog:
         return seq, offset
 
     def append_many(self, lines: list[bytes]) -> None:
-        """Write complete lines, one ``os.write`` per segment they land in.
-
-        Sizes, the cut at the segment's bounds and the offset index are computed with C
-        loops (``accumulate``, ``bisect``): a burst of a thousand log lines costs no
-        Python bytecode per line.
-        """
+        """Write complete lines, one ``os.write`` per segment they land in (see `append_block`)."""
         if len(lines) == 1:
             self.append(lines[0])  # a single event (a WebSocket message): no batch machinery
             return
-        lengths = list(map(len, lines))
-        index = 0
-        while index < len(lines):
+        self.append_block(b"".join(lines), list(map(len, lines)))
+
+    def append_block(self, block: bytes, sizes: list[int]) -> None:
+        """Write a burst of complete lines held in one buffer; ``sizes`` are its lines' lengths.
+
+        One ``os.write`` per segment the burst lands in, cut at line boundaries.  The cut and
+        the offset index come from one ``accumulate`` and a ``bisect`` (C loops): a burst of a
+        thousand log lines costs no Python bytecode per line, and no bytes object per line.
+        """
+        if len(sizes) == 1:
+            self.append(block)
+            return
+        view = memoryview(block)
+        start = 0  # bytes of the block written so far
+        index = 0  # lines of the block written so far
+        while index < len(sizes):
             seg = self.segments[-1] if self.segments else None
             if seg is None or seg.events >= self.segment_events or (
-                    seg.size and seg.size + lengths[index] > self.segment_bytes):
+                    seg.size and seg.size + sizes[index] > self.segment_bytes):
                 seg = self._roll()
             if seg.fd < 0:
                 seg.fd = self.directory.open_fd(seg.name, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
-            room = lengths[index: index + self.segment_events - seg.events]
-            sizes = list(accumulate(room))
-            # The first line always goes in (an empty segment takes even an oversized line).
-            take = max(1, bisect.bisect_right(sizes, self.segment_bytes - seg.size))
-            _write_all(seg.fd, lines[index: index + take], sizes[take - 1])
-            self.offsets.extend(accumulate(room[: take - 1], initial=self.end_offset))
-            written = sizes[take - 1]
+            room = self.segment_events - seg.events
+            # ends[k] is where line index + k starts (ends[0] is the current end of the log).
+            ends = list(accumulate(sizes[index: index + room], initial=self.end_offset))
+            # Lines that fit under the segment's byte bound; the first always goes in (an empty
+            # segment takes even an oversized line).
+            take = max(1, bisect.bisect_right(ends, self.end_offset + self.segment_bytes - seg.size, 1) - 1)
+            written = ends[take] - self.end_offset
+            _write_all(seg.fd, view[start: start + written])
+            del ends[take:]
+            self.offsets.fromlist(ends)  # from a list: a third of extend's cost
             self.end_offset += written
             self.next_seq += take
             seg.size += written
             seg.events += take
             index += take
+            start += written
         self._retain()
 
     def _roll(self) -> Segment:

@@ -280,11 +280,11 @@ class WebSocketServer:
             pass
 
     # ------------------------------------------------------------------ drop the slow
-    def _on_events(self, name: str, first: int, lines: list[bytes], origin: str | None) -> None:
-        """After each publish (once per burst): drop subscribers now too far behind."""
+    def _on_events(self, name: str, first: int, count: int, origin: str | None) -> None:
+        """After each publish (once per burst of ``count`` events): drop subscribers now too far behind."""
         if not self.clients:
             return
-        head = first + len(lines)
+        head = first + count
         for client in list(self.clients):
             if client.stream == name and client.can_subscribe and not client.dropped \
                     and head - client.cursor > self.config.send_queue:
