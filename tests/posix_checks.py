@@ -182,3 +182,25 @@ def a_reopened_file_reads_what_was_last_written(d: Path) -> None:
     with open(d / "f", "ab") as f:
         f.write(b"4")
     assert (d / "f").read_bytes() == b"333334"
+
+
+@check
+def hard_links_are_one_file(d: Path) -> None:
+    (d / "a").write_bytes(b"one")
+    os.link(d / "a", d / "b")
+    assert os.stat(d / "a").st_ino == os.stat(d / "b").st_ino and os.stat(d / "b").st_nlink == 2
+    (d / "b").write_bytes(b"two")
+    assert (d / "a").read_bytes() == b"two"
+    wa = os.open(d / "a", os.O_WRONLY)
+    wb = os.open(d / "b", os.O_WRONLY)
+    try:  # two writers through two names write one file
+        os.pwrite(wa, b"A", 0)
+        os.pwrite(wb, b"B", 2)
+    finally:
+        os.close(wa)
+        os.close(wb)
+    assert (d / "a").read_bytes() == b"AwB"
+    os.unlink(d / "a")
+    assert (d / "b").read_bytes() == b"AwB" and os.stat(d / "b").st_nlink == 1
+    (d / "sub").mkdir()
+    expect_errno(errno.EPERM, lambda: os.link(d / "sub", d / "sub2"))

@@ -19,6 +19,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -48,6 +49,10 @@ class Attr:
     #: st_blksize, the preferred I/O size: stdio and Python size their buffers by it, so a larger
     #: value means fewer FUSE requests for buffered writers (logs/ uses 128 KiB)
     blksize: int = 4096
+    #: what this file is whatever its name, for areas with hard links (the vault: the store
+    #: file's (st_dev, st_ino) while it has several names): names with one identity are one
+    #: kernel inode.  None (the default, every other area): a file is its path.
+    identity: Hashable | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -248,6 +253,14 @@ class Area:
 
     async def rename(self, old: str, new: str, flags: int) -> None:
         raise fs_error(errno.EROFS)
+
+    async def link(self, old: str, new: str) -> Attr:
+        """Make ``new`` another name of the file ``old`` (link(2)); the file's attributes after it.
+
+        Return an `Attr` whose ``identity`` is the same for every name of the file, so the FUSE
+        layer makes them one kernel inode.  Refused (EPERM) unless an area supports links.
+        """
+        raise fs_error(errno.EPERM)
 
     # -- snapshots (kfs/snapshots calls these; no snapshot code in areas) -----
     async def export_state(self, sink: SnapshotSink, scope: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """pyfuse3.Operations that only dispatch: inode -> (area, path), fh -> Handle.
 
 Nothing here knows what an area stores.  What this layer does own:
-  * inode numbers and lookup counts (`InodeTable`), file handle numbers;
+  * inode numbers and lookup counts (`InodeTable`), file handle numbers, and
+    hard links: names an area reports with one ``Attr.identity`` are one inode;
   * the mount's root directory, whose entries are the areas;
   * entry/attribute timeouts, per area;
   * robustness: every handler maps OSError to its errno and anything
@@ -233,8 +234,49 @@ class KfsOperations(pyfuse3.Operations):
 
     async def _remember(self, area: Area, path: str) -> pyfuse3.EntryAttributes:
         attr = await area.lookup(path)
-        node = self.inodes.remember(area.name, path)
+        node = self.inodes.find(area.name, path)
+        if node is None or node.identity is not attr.identity:  # new, or a linked file's name
+            node = await self._node(area, path, attr)
+        node.lookups += 1
         return self._entry(node.inode, attr, area)
+
+    async def _node(self, area: Area, path: str, attr: Attr) -> Node:
+        """The node of ``path`` (numbered if new): that of another name of the same file if any.
+
+        The usual case is one dict lookup; identities (hard-linked files) cost more only for a
+        name the table does not know yet.
+        """
+        inodes = self.inodes
+        node = inodes.find(area.name, path)
+        identity = attr.identity
+        if node is not None and node.names is not None and identity != node.identity:
+            # one name of a linked node is another file now (a snapshot restore replaced it):
+            # it leaves that node and gets its own
+            inodes.removed(area.name, path)
+            node = None
+        if node is None:
+            if identity is not None:
+                other = inodes.find_identity(area.name, identity)
+                if other is not None and await self._still_is(area, other, identity):
+                    inodes.add_name(other, path)
+                    return other
+            node = inodes.ensure(area.name, path)
+        if identity is not node.identity and identity != node.identity:
+            inodes.set_identity(node, identity)
+        return node
+
+    async def _still_is(self, area: Area, node: Node, identity: Any) -> bool:
+        """Whether ``node``'s name still names the file ``identity`` (store inode numbers get reused)."""
+        if node.unlinked:
+            return False
+        try:
+            now = (await area.getattr(node.path)).identity
+        except OSError:
+            now = None
+        if now != identity:
+            self.inodes.set_identity(node, now)
+            return False
+        return True
 
     def _new_fh(self, area: Area, handle: Handle) -> int:
         fh = self._next_fh
@@ -272,6 +314,8 @@ class KfsOperations(pyfuse3.Operations):
             return self._entry(inode, node.unlinked_attr, self.areas.get(node.area))
         area, path = self._resolve_node(node)
         attr = self.root_attr if area is None else await area.getattr(path)
+        if attr.identity is not node.identity and attr.identity != node.identity:
+            self.inodes.set_identity(node, attr.identity)  # linked or unlinked since we last looked
         return self._entry(inode, attr, area)
 
     @fuse_handler
@@ -315,7 +359,12 @@ class KfsOperations(pyfuse3.Operations):
             if not attr.is_dir:
                 raise fs_error(errno.ENOTDIR)
             listing = await area.readdir(path)
-            entries = [(name, a, self.inodes.ensure(area.name, _join(path, name)).inode) for name, a in listing]
+            ensure = self.inodes.ensure
+            entries = [
+                (name, a, ensure(area.name, _join(path, name)).inode if a.identity is None
+                 else (await self._node(area, _join(path, name), a)).inode)
+                for name, a in listing
+            ]
         fh = self._next_fh
         self._next_fh += 1
         self._dirs[fh] = entries
@@ -374,8 +423,25 @@ class KfsOperations(pyfuse3.Operations):
         await area_old.rename(old, new, flags)
         self.inodes.renamed(area_old.name, old, new)
 
+    @fuse_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        node = self.inodes.get(inode)
+        area, old = self._resolve_node(node)
+        if area is None or old == "":
+            raise fs_error(errno.EPERM)  # the root and the area roots are directories
+        new_area, new = await self._child(new_parent_inode, new_name)
+        if new_area is not area:
+            raise fs_error(errno.EXDEV)
+        if new == "":
+            raise fs_error(errno.EEXIST)
+        attr = await area.link(old, new)
+        # the new name is this node: the kernel gets the inode it already has (one st_ino, one
+        # page cache); a link reply counts as a lookup
+        self.inodes.add_name(node, new)
+        if attr.identity is not node.identity and attr.identity != node.identity:
+            self.inodes.set_identity(node, attr.identity)
+        node.lookups += 1
+        return self._entry(node.inode, attr, area)
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EPERM)

@@ -38,7 +38,15 @@ from kfs.vault.contentenc import (
 )
 from kfs.vault.cryptocore import CryptoCore, IntegrityError
 from kfs.vault.lockstate import LockState
-from kfs.vault.openfile import TMP_PREFIX, ChunkError, ReaderView, WorkingFile
+from kfs.vault.openfile import (
+    REDO_PREFIX,
+    REDO_TARGET_SUFFIX,
+    TMP_PREFIX,
+    ChunkError,
+    ReaderView,
+    WorkingFile,
+    finish_rewrite,
+)
 
 log = logging.getLogger("kfs.vault")
 
@@ -100,6 +108,9 @@ class VaultArea(Area):
         self._passphrase: bytearray | None = getattr(opts, "passphrase", None)
         self.is_root = os.geteuid() == 0
         self.recent_events: deque[dict[str, Any]] = deque(maxlen=32)
+        #: store inodes (st_dev, st_ino) being rewritten in place (a hard-linked file's commit):
+        #: reads, opens and stats of them wait for the event (a half-copied chunk fails its tag)
+        self._rewriting: dict[tuple[int, int], trio.Event] = {}
         self._remove_orphans("")
 
     # ------------------------------------------------------------------ life cycle
@@ -109,8 +120,24 @@ class VaultArea(Area):
             names = self.store.listdir(path)
         except OSError:
             return
+        for name in names:  # first: in-place rewrites of hard-linked files cut short
+            rel = f"{path}/{name}" if path else name
+            if name.startswith(REDO_PREFIX) and not name.endswith(REDO_TARGET_SUFFIX):
+                try:
+                    if finish_rewrite(self.store, rel):
+                        self.count("rewrites_redone")
+                except OSError as e:  # left for the next mount; that file reads as damaged meanwhile
+                    log.error("vault: could not finish the rewrite %s: %s", rel, e)
+                    self.count("rewrites_pending")
+            elif name.startswith(REDO_PREFIX) and not self.store.exists(rel[:-len(REDO_TARGET_SUFFIX)]):
+                try:  # died before the commit point: the old contents stand
+                    self.store.unlink(rel)
+                except FileNotFoundError:
+                    pass
         for name in names:
             rel = f"{path}/{name}" if path else name
+            if name.startswith(REDO_PREFIX):
+                continue
             if name.startswith(RESTORE_PREFIX):  # a restore interrupted by a crash
                 try:
                     plan = json.loads(self.store.read_bytes(f"{rel}/{PLAN_FILE}"))
@@ -203,8 +230,11 @@ class VaultArea(Area):
         if self.state.core is None:
             raise PermissionError(errno.EACCES, "the vault is locked", path)
         rel = "/".join(parts)
-        if stat.S_ISDIR(self.store.stat(rel).st_mode):
+        st = self.store.stat(rel)
+        if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "a directory, not a secret", path)
+        if (st.st_dev, st.st_ino) in self._rewriting:  # a synchronous service cannot wait for it
+            raise BlockingIOError(errno.EAGAIN, "being rewritten: try again", path)
         try:
             view = ReaderView(self.store.open_fd(rel, os.O_RDONLY | os.O_NOFOLLOW), self._core)
         except FormatError as e:
@@ -388,19 +418,51 @@ class VaultArea(Area):
     def _attr(self, path: str, st: os.stat_result) -> Attr:
         attr = Attr.from_stat(st)
         if stat.S_ISREG(st.st_mode):
-            writer = self.writers.get(path)
+            writer = self._writer_of(path, st)
             if writer is None:
                 attr.size = self._plain_size(path, st)
             else:
                 attr.size = writer.size
                 if writer.last_write_ns is not None:  # what the commit will set (see WorkingFile)
                     attr.mtime_ns = attr.ctime_ns = writer.last_write_ns
-            attr.nlink = 1
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in self._rewriting:  # the redo record's extra name is not the user's
+                    attr.nlink -= 1
+                if attr.nlink > 1:  # a hard link: the FUSE layer makes its names one inode by this
+                    attr.identity = key
         return attr
+
+    def _writer_of(self, path: str, st: os.stat_result) -> WorkingFile | None:
+        """The writer of this file: opened through this name, or through another of its names."""
+        writer = self.writers.get(path)
+        if writer is None and st.st_nlink > 1 and self.handles:
+            writer = self._writer_by_key((st.st_dev, st.st_ino))
+        return writer
+
+    def _writer_by_key(self, key: tuple[int, int]) -> WorkingFile | None:
+        """The writer of this store inode, also one whose own name was unlinked (only linked files)."""
+        for writer in self.writers.values():
+            if writer.key == key:
+                return writer
+        for handle in self.handles.values():
+            if handle.working is not None and handle.working.key == key:
+                return handle.working
+        return None
+
+    async def _after_rewrite(self, path: str, st: os.stat_result) -> os.stat_result:
+        """``st`` of ``path``, once no in-place rewrite of that inode is running."""
+        while (done := self._rewriting.get((st.st_dev, st.st_ino))) is not None:
+            await done.wait()
+            st = self.store.stat(path)
+        return st
 
     async def getattr(self, path: str) -> Attr:
         self._check(path)
-        return self._attr(path, self.store.stat(path))
+        st = self.store.stat(path)
+        if self._rewriting:
+            st = await self._after_rewrite(path, st)
+        return self._attr(path, st)
 
     async def readdir(self, path: str) -> list[tuple[str, Attr]]:
         self._check(path)
@@ -433,7 +495,7 @@ class VaultArea(Area):
             times = (st.st_atime_ns if changes.atime_ns is None else changes.atime_ns,
                      st.st_mtime_ns if changes.mtime_ns is None else changes.mtime_ns)
             self.store.utime(path, *times)
-            writer = self.writers.get(path)
+            writer = self._writer_of(path, st)
             if writer is not None and writer.is_dirty:
                 writer.pending_times = times
                 writer.last_write_ns = None
@@ -473,7 +535,13 @@ class VaultArea(Area):
                 writer = WorkingFile(self.store, path, self._core, self.config.chunk_size)
             except (FormatError, ChunkError) as e:
                 raise self._integrity(path, e) from None
-            self.writers[path] = writer
+            # a hard link opened for writing through several names: one writer, as one inode
+            shared = self._writer_by_key(writer.key) if writer.nlink_at_open > 1 else None
+            if shared is None:
+                self.writers[path] = writer
+            else:
+                writer.close()
+                writer = shared
         writer.refs += 1
         return writer
 
@@ -498,19 +566,52 @@ class VaultArea(Area):
         if not writer.is_dirty:
             return
         async with self._lock_of(writer):
+            in_place = False
             try:
                 # the slow part (sealing, fsync) holds only this file; the rename holds the namespace
                 changed = await trio.to_thread.run_sync(writer.prepare)
                 if changed:
                     async with self._ns_lock:
-                        await trio.to_thread.run_sync(writer.publish)
+                        in_place = writer.in_place()
+                        if in_place:
+                            await self._rewrite_in_place(writer)
+                        else:
+                            await trio.to_thread.run_sync(writer.publish)
             except (ChunkError, IntegrityError) as e:
                 raise self._integrity(writer.path, e) from None
         if changed:
             self._changed()
             self.count("commits")
-            if self.kernel is not None and not writer.detached:
-                self.kernel.invalidate(self.name, writer.path)
+            if in_place:
+                self.count("commits_in_place")
+            if self.kernel is None:
+                pass
+            elif not writer.detached:
+                self.kernel.invalidate(self.name, writer.path)  # every name: they are one inode
+            elif in_place:  # its own name is gone: the inode lives on under names we do not know
+                invalidate_area = getattr(self.kernel, "invalidate_area", None)
+                if callable(invalidate_area):
+                    invalidate_area(self.name)
+
+    async def _rewrite_in_place(self, writer: WorkingFile) -> None:
+        """Commit a hard-linked file by copying over its inode (see kfs.vault.openfile).
+
+        Reads, opens and stats of the inode wait until the copy is done; read-only handles
+        of it then read the new version.
+        """
+        key = writer.key
+        done = self._rewriting[key] = trio.Event()
+        try:
+            await trio.to_thread.run_sync(writer.publish_in_place)
+        finally:
+            del self._rewriting[key]
+            for handle in self.handles.values():
+                if handle.view is not None and handle.view.key == key:
+                    try:
+                        handle.view.reload()
+                    except (FormatError, OSError) as e:  # its reads then fail, with EIO
+                        log.warning("vault: could not reload %s after a rewrite: %s", handle.path, e)
+            done.set()
 
     async def _commit_all(self) -> None:
         for writer in list(self.writers.values()):
@@ -525,13 +626,16 @@ class VaultArea(Area):
         self._core()
         self.state.touch()
         handle = VaultHandle(path, flags)
+        if self._rewriting:
+            await self._after_rewrite(path, self.store.stat(path))
         if not handle.writable:
             # the common case (a secret read again and again) costs: open, fstat, one
             # 192-byte pread; the header's JSON is decoded once per file version
             handle.view = self._reader(path)
             # while someone writes, this reader's snapshot must not land in the page cache
             # that the writer reads back from: it bypasses it
-            handle.keep_cache = path not in self.writers
+            handle.keep_cache = path not in self.writers and not (
+                handle.view.linked and self._writer_by_key(handle.view.key) is not None)
             handle.direct_io = not handle.keep_cache
             handle.generation = self.generation
         elif stat.S_ISDIR(self.store.stat(path).st_mode):
@@ -603,6 +707,8 @@ class VaultArea(Area):
             raise fs_error(errno.EACCES, "vault is locked")
         self.state.touch()
         try:
+            if self._rewriting:
+                await self._wait_rewrite(handle)
             if handle.view is not None:
                 data = handle.view.read_buffer(offset, size)
                 if handle.generation == self.generation:
@@ -614,6 +720,11 @@ class VaultArea(Area):
                 return handle.working.read(offset, size)
         except ChunkError as e:
             raise self._integrity(handle.path, e) from None
+
+    async def _wait_rewrite(self, handle: VaultHandle) -> None:
+        key = handle.view.key if handle.view is not None else handle.working.key if handle.working else None
+        while (done := self._rewriting.get(key)) is not None:  # type: ignore[arg-type]
+            await done.wait()
 
     def _fill_page_cache(self, handle: VaultHandle, offset: int, length: int) -> None:
         """Give the kernel the rest of a chunk this read just decrypted (a no-op without the hook).
@@ -699,6 +810,27 @@ class VaultArea(Area):
             if writer is not None:
                 writer.detached = True
 
+    async def link(self, old: str, new: str) -> Attr:
+        """A hard link is a store hard link: the names share one ciphertext inode.
+
+        Its commits then rewrite that inode in place (`WorkingFile.publish_in_place`) rather than
+        replace it by rename, which would split the link.
+        """
+        self._check(old)
+        parent, _, name = new.rpartition("/")
+        if hidden(name):
+            raise fs_error(errno.EPERM, "names starting with .kfs- are reserved")
+        self._check(parent)
+        if not stat.S_ISREG(self.store.stat(old).st_mode):
+            raise fs_error(errno.EPERM, "only files can be hard-linked")
+        self._core()  # locked: EACCES, as for the vault's other writes
+        self.state.touch()
+        async with self._ns_lock:
+            os.link(old, new, src_dir_fd=self.store.fd, dst_dir_fd=self.store.fd, follow_symlinks=False)
+            self._changed()
+        self.count("links")
+        return await self.getattr(new)
+
     async def rename(self, old: str, new: str, flags: int) -> None:
         self._check(old)
         parent, _, name = new.rpartition("/")
@@ -733,10 +865,18 @@ class VaultArea(Area):
         await self._commit_all()
         async with self._ns_lock:
             files = await trio.to_thread.run_sync(self._ciphertext_files, True)
-            lengths = {path: self.store.stat(path).st_size for path in files}
+            stats = {path: self.store.stat(path) for path in files}
         for path in files:
+            if stats[path].st_nlink > 1:
+                # a hard-linked file is committed in place, under the namespace lock: copy it
+                # under that lock too, and as it is then, never half rewritten
+                async with self._ns_lock:
+                    length = self.store.stat(path).st_size
+                    await trio.to_thread.run_sync(
+                        lambda p=path, n=length: sink.add_store_file(p, self.store, p, n, compress=False))
+                continue
             await trio.to_thread.run_sync(
-                lambda p=path: sink.add_store_file(p, self.store, p, lengths[p], compress=False))
+                lambda p=path: sink.add_store_file(p, self.store, p, stats[p].st_size, compress=False))
 
     def _ciphertext_files(self, with_key: bool) -> list[str]:
         out = [p for p in self.store.walk_files() if not any(hidden(part) for part in p.split("/"))]

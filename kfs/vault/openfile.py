@@ -14,6 +14,25 @@ commit costs one copy of the file (for secrets, nothing).
 
 Read-only handles read the committed file they opened (snapshot isolation, as
 with editors' write-temp-and-rename).
+
+Hard links: a file whose store inode has several names cannot be replaced by
+rename (that would split the link).  Its commit *rewrites in place* instead,
+with a redo record so kill -9 still leaves old or new contents:
+
+1. the sealed, fsynced working copy is prepared as above; the committed inode
+   gets one more name, ``.kfs-redo-<id>-target`` (whatever becomes of its
+   other names meanwhile, the redo finds it);
+2. the working copy is renamed to ``.kfs-redo-<id>`` and the directory fsynced:
+   the commit point;
+3. the working copy is copied over the committed inode (``copy_file_range``,
+   ``ftruncate``, its mtime, ``fsync``);
+4. the ``-target`` name goes, then the record.
+
+At mount (`finish_rewrite`): a record with its target is redone (the copy is
+idempotent); a record alone was finished (the target name goes only after the
+copy's fsync) and is deleted; a target alone (died before step 2) is deleted,
+the old contents stand.  Read-only handles of such a file see a commit at once
+(they read the same inode; the vault reloads them), as on a local disk.
 """
 
 from __future__ import annotations
@@ -38,6 +57,9 @@ from kfs.vault.contentenc import (
 from kfs.vault.cryptocore import OVERHEAD, CryptoCore, IntegrityError
 
 TMP_PREFIX = ".kfs-tmp-"
+#: an in-place rewrite of a hard-linked file: the record (sealed new contents) and its target
+REDO_PREFIX = ".kfs-redo-"
+REDO_TARGET_SUFFIX = "-target"
 DIRTY_LIMIT = 2 << 20  # plaintext bytes kept in memory per writer before spilling (sealed runs stay cache-sized)
 CACHE_CHUNKS = 4
 
@@ -53,6 +75,64 @@ def _write_runs(fd: int, runs: list[tuple[int, list[bytes]]]) -> None:
                 iov = iov[1:]
             if iov and done:
                 iov = [iov[0][done:], *iov[1:]]
+
+
+def writable_fd(fd: int) -> int:
+    """A new write descriptor for the file ``fd`` is open on (read-only, or of unknown mode).
+
+    Through /proc/self/fd, so it reaches the inode whatever its names are now.  A file whose
+    mode refuses writes (chmod 0400, daemon not root) gets the owner's write bit for the open.
+    """
+    path = f"/proc/self/fd/{fd}"
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except PermissionError:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        os.fchmod(fd, mode | stat.S_IWUSR)
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        finally:
+            os.fchmod(fd, mode)
+
+
+def copy_over(src: int, dst: int) -> None:
+    """Make the file ``dst`` a durable copy of ``src``: bytes, length and times (blocking)."""
+    st = os.fstat(src)
+    length = st.st_size
+    copied = 0
+    while copied < length:
+        n = os.copy_file_range(src, dst, length - copied, copied, copied)
+        if n == 0:
+            raise OSError(errno.EIO, "working copy shorter than it was")
+        copied += n
+    os.ftruncate(dst, length)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.fsync(dst)
+
+
+def finish_rewrite(store: StoreDir, record: str) -> bool:
+    """Finish the in-place rewrite whose record is ``record`` (at mount); True if a copy was redone."""
+    target = record + REDO_TARGET_SUFFIX
+    try:
+        fd = store.open_fd(target, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:  # the copy was durable before the target's name went
+        store.unlink(record)
+        return False
+    try:
+        dst = writable_fd(fd)
+        try:
+            src = store.open_fd(record, os.O_RDONLY)
+            try:
+                copy_over(src, dst)
+            finally:
+                os.close(src)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(fd)
+    store.unlink(target)
+    store.unlink(record)
+    return True
 
 
 class ChunkError(Exception):
@@ -175,21 +255,33 @@ class ReaderView:
     def __init__(self, fd: int, core_getter: object, header: Header | None = None,
                  st: os.stat_result | None = None) -> None:
         self.fd = fd
+        self._core = core_getter
         try:
             if header is None:
                 header = read_header(fd)
-            length = (st or os.fstat(fd)).st_size
+            if st is None:
+                st = os.fstat(fd)
         except (FormatError, OSError):
             os.close(fd)
             raise
+        #: the store inode read, as the vault's `Attr.identity` names it
+        self.key = (st.st_dev, st.st_ino)
+        self.linked = st.st_nlink > 1
+        self._load(header, st.st_size)
+
+    def _load(self, header: Header, length: int) -> None:
         self.header = header
         self.well_formed = is_well_formed_length(length, header.chunk_size)
         self.size = plain_size(length, header.chunk_size)
         self._cs = header.chunk_size
         self._n_chunks = chunk_count(self.size, header.chunk_size)
-        self.source = ChunkSource(fd, header, core_getter)
+        self.source = ChunkSource(self.fd, header, self._core)
         #: one bit per chunk: decrypted for this handle before (see `rest_of_chunk`)
         self._seen: bytearray | None = None
+
+    def reload(self) -> None:
+        """The inode was rewritten in place (a hard-linked file's commit): read its new version."""
+        self._load(read_header(self.fd), os.fstat(self.fd).st_size)
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self.read_buffer(offset, size))
@@ -295,14 +387,20 @@ class WorkingFile:
         fd = store.open_fd(path, os.O_RDONLY)
         try:
             self.header = read_header(fd)
+            st = os.fstat(fd)
         except (FormatError, OSError):
             os.close(fd)
             raise
-        length = os.fstat(fd).st_size
+        length = st.st_size
         if not is_well_formed_length(length, self.header.chunk_size):
             os.close(fd)
             raise ChunkError(0, "truncated or torn file")
+        #: the committed inode (``fd`` while clean, ``target_fd`` while a working copy exists)
+        self.key = (st.st_dev, st.st_ino)
+        self.nlink_at_open = st.st_nlink
         self.fd = fd
+        #: while dirty: the committed inode, kept open so a hard-linked file can be rewritten in place
+        self.target_fd: int | None = None
         self.temp_name: str | None = None
         self.size = plain_size(length, self.header.chunk_size)
         self.phys = chunk_count(self.size, self.header.chunk_size)  # chunks present in fd
@@ -367,7 +465,7 @@ class WorkingFile:
             os.close(fd)
             self.store.unlink(temp_path)
             raise
-        os.close(self.fd)
+        self.target_fd = self.fd
         self.fd = fd
         self.temp_name = temp_path
         if truncate_all:
@@ -569,6 +667,17 @@ class WorkingFile:
         os.fsync(self.fd)
         return True
 
+    def in_place(self) -> bool:
+        """Whether the commit must rewrite the committed inode in place: it has another name.
+
+        Also after this writer's own name went (unlink, renamed over) while another name keeps
+        the inode: writes through an open file reach the file, as on a local disk.
+        """
+        if self.temp_name is None or self.target_fd is None:
+            return False
+        nlink = os.fstat(self.target_fd).st_nlink
+        return nlink >= 1 if self.detached else nlink > 1
+
     def publish(self) -> None:
         """Rename the prepared working copy over the file (quick: rename + directory fsync)."""
         if self.temp_name is None:
@@ -580,9 +689,49 @@ class WorkingFile:
             self.store.rename(self.temp_name, self.path)
             self.store.fsync_dir(self.path.rpartition("/")[0])
             self.temp_name = None
+        # the key always names an inode this writer holds open, so its number is never reused
+        st = os.fstat(self.fd)
+        self.key = (st.st_dev, st.st_ino)
+        self._close_target()
         self.phys = n
         self.flagged = {n - 1}
         self.source.forget()
+
+    def publish_in_place(self) -> None:
+        """Copy the prepared working copy over the committed inode, crash-safe (blocking).
+
+        See the module doc for the steps; `finish_rewrite` redoes them after a crash.
+        """
+        assert self.temp_name is not None and self.target_fd is not None
+        parent, _, name = self.temp_name.rpartition("/")
+        record = f"{parent + '/' if parent else ''}{REDO_PREFIX}{name[len(TMP_PREFIX):]}"
+        target = record + REDO_TARGET_SUFFIX
+        dst = writable_fd(self.target_fd)  # before the commit point: a refusal changes nothing
+        try:
+            os.link(f"/proc/self/fd/{self.target_fd}", target, dst_dir_fd=self.store.fd, follow_symlinks=True)
+            try:
+                self.store.rename(self.temp_name, record)
+                self.store.fsync_dir(parent)
+            except BaseException:
+                self.store.unlink(target)
+                raise
+            self.temp_name = None  # from here on the record is the new contents, redone at mount
+            copy_over(self.fd, dst)
+        finally:
+            os.close(dst)
+        self.store.unlink(target)
+        self.store.unlink(record)
+        n = chunk_count(self.size, self.cs)
+        os.close(self.fd)
+        self.fd, self.target_fd = self.target_fd, None
+        self.source = ChunkSource(self.fd, self.header, self._core)
+        self.phys = n
+        self.flagged = {n - 1}
+
+    def _close_target(self) -> None:
+        if self.target_fd is not None:
+            os.close(self.target_fd)
+            self.target_fd = None
 
     def _drop_temp(self) -> None:
         if self.temp_name is not None:
@@ -595,6 +744,7 @@ class WorkingFile:
     def close(self) -> None:
         if self.temp_name is not None:
             self._drop_temp()
+        self._close_target()
         try:
             os.close(self.fd)
         except OSError as e:  # pragma: no cover
