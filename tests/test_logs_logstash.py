@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount
+from local_peers import free_port, wait_until_listening
 
 pytestmark = pytest.mark.skipif(shutil.which("rsyslogd") is None, reason="rsyslog is not installed")
 
@@ -31,12 +31,6 @@ ruleset(name="kfs") {{
 }}
 input(type="imptcp" port="{port}" address="127.0.0.1" ruleset="kfs")
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Rsyslog:
@@ -54,15 +48,8 @@ class Rsyslog:
             ["rsyslogd", "-n", "-f", str(self.conf), "-i", str(self.root / "rsyslogd.pid")],
             stdout=subprocess.DEVNULL, stderr=open(self.root / "rsyslogd.err", "ab"),
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                assert self.proc.poll() is None, (self.root / "rsyslogd.err").read_text()
-                assert time.monotonic() < deadline, "rsyslogd did not start listening"
-                time.sleep(0.05)
+        wait_until_listening(self.proc, self.port, "rsyslogd", timeout=10,
+                             why_exited=(self.root / "rsyslogd.err").read_text)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

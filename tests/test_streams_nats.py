@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import Mount, retained_events
+from local_peers import free_port, kill, wait_until_listening
 from streams_support import append_events
 
 from kfs.config import NatsConfig
@@ -36,12 +35,6 @@ def nats_binary() -> str | None:
     return str(local) if local.exists() else shutil.which("nats-server")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class NatsServer:
     def __init__(self, store: Path) -> None:
         self.port = free_port()
@@ -57,19 +50,10 @@ class NatsServer:
         assert binary
         self.proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store),
                                       "--auth", TOKEN], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("nats-server did not start")
+        wait_until_listening(self.proc, self.port, "nats-server", timeout=15)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        kill(self.proc, timeout=10)
         self.proc = None
 
 

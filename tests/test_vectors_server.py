@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,15 +16,10 @@ from typing import Any
 
 import pytest
 from conftest import Mount
+from local_peers import free_port, kill, wait_until_listening
 from test_vectors_mount import NO_WS, append, export, wait_synced
 
 CHROMA = Path(sys.executable).parent / "chroma"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ChromaServer:
@@ -40,20 +33,10 @@ class ChromaServer:
         self.proc = subprocess.Popen(
             [str(CHROMA), "run", "--path", str(self.path), "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None, "chroma run exited"
-                time.sleep(0.1)
-        raise AssertionError("chroma run did not listen")
+        wait_until_listening(self.proc, self.port, "chroma run", timeout=60)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+        kill(self.proc)
         self.proc = None
 
 
