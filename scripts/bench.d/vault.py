@@ -289,6 +289,8 @@ def main() -> int:
             if key == "reread":
                 continue
             print(f"{label:<30}" + "".join(f"{cpu[n][key]:>16,.0f}" for n in cpu))
+        if os.environ.get("KFS_FUSE_SPIN_US", "") != "0":
+            print("(kfs's figures include its poll for the next request; KFS_FUSE_SPIN_US=0 shows the work alone)")
     return 0
 
 
