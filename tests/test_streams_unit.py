@@ -112,12 +112,40 @@ def test_log_lines_reach_the_logs_stream_from_the_bus(tmp_path: Path) -> None:
     data = b"\n".join(lines) + b"\n"
     bus.publish("log_lines", {"file": "a.log.jsonl", "data": data, "count": 3,
                               "records": [json.loads(x) for x in lines]}, "logs")
-    area._drain_inbox()
+    # Published on the area's own thread (the trio loop's, in the daemon): stored before publish
+    # returned, with no task to wake.
     log = area.broker.streams["logs"].log
     # The oversized line (logs/ takes up to 16 MiB, an event is at most 1 MiB) is the only one left out.
     assert [json.loads(log.line(s))["i"] for s in range(log.first_seq, log.next_seq)] == [1, 3]
     assert area.counters["bus_events_dropped"] == 1
     assert area.broker.streams["system"].log.next_seq == 1  # no system event for log lines
+
+
+def test_bus_events_from_other_threads_reach_the_stream_through_the_pump(tmp_path: Path) -> None:
+    from kfs.bus import Bus
+    from kfs.config import StreamsConfig
+    from kfs.streams.area import StreamsArea
+
+    bus = Bus()
+    config = StreamsConfig()
+    config.websocket.enabled = False
+    config.metrics_interval = 0
+    area = StreamsArea(bus, store_at(tmp_path), config)
+    system = area.broker.streams["system"]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await area.start(nursery)
+            # a key derivation or a Chroma call finishing in a worker thread publishes from there
+            await trio.to_thread.run_sync(bus.publish, "vault_unlock_failed", {"reason": "test"}, "vault")
+            with trio.fail_after(10):
+                while system.log.next_seq == 1:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    event = json.loads(system.log.line(1))
+    assert event["event"] == "vault_unlock_failed" and event["reason"] == "test"
 
 
 def test_broker_stamps_and_validates(tmp_path: Path) -> None:
