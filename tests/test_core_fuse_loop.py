@@ -282,6 +282,33 @@ def test_direct_wait_with_polling_serves_every_request_and_starves_nobody() -> N
     assert spin.hits + spin.misses > 0  # waits polled before sleeping
 
 
+def test_a_wait_whose_poll_used_up_the_budget_returns_at_once() -> None:
+    """The poll may end exactly at the budget's end: the sleep after it must not become endless
+    (epoll takes a negative timeout as "forever", and trio's timers would then wait on it)."""
+    server, client = socket.socketpair()
+    direct = fuse_loop.DirectWait(budget=0.0005, spin=fuse_loop.AdaptiveSpin())
+    direct.spin.window = 0.01  # type: ignore[union-attr]  # longer than the budget
+    poller = select.epoll()
+    poller.register(server.fileno(), select.EPOLLIN)
+    direct._poller, direct._fuse_fd = poller, server.fileno()
+    results: list[bool] = []
+    try:
+        for _ in range(50):
+            direct._until = time.monotonic() + direct.budget
+            waiter = threading.Thread(target=lambda: results.append(direct._direct_wait()), daemon=True)
+            waiter.start()
+            waiter.join(timeout=5)
+            if waiter.is_alive():
+                client.sendall(b"x")  # free the waiter before failing
+                waiter.join(timeout=5)
+                pytest.fail("a direct wait slept past its budget")
+        assert results == [False] * 50  # nothing came: every wait handed over to trio
+    finally:
+        poller.close()
+        server.close()
+        client.close()
+
+
 def test_spin_setting_comes_from_the_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("KFS_FUSE_SPIN_US", "0")
     assert fuse_loop.spin_from_environment() is None

@@ -276,7 +276,8 @@ class DirectWait(HandOff):
             if not ready and self.spin is not None:
                 ready = self.spin.poll(poller, remaining)
                 if not ready:
-                    ready = poller.poll(self._until - time.monotonic())
+                    # never below 0: epoll takes a negative timeout (-1 s) as "forever", past trio's timers
+                    ready = poller.poll(max(0.0, self._until - time.monotonic()))
                     self.spin.slept(time.monotonic() - start)
             elif not ready:
                 ready = poller.poll(remaining)
