@@ -202,11 +202,7 @@ def test_init_on_a_terminal_asks_twice(tmp_path: Path) -> None:
 
 
 class KernelRecorder:
-    """A KernelCache that records what the area asks of the kernel (no FUSE here).
-
-    It has the optional ``store`` hook (push plaintext into the page cache), so the
-    rules around it are tested whether or not the core's notifier grows one.
-    """
+    """A KernelCache that records what the area asks of the kernel (no FUSE here)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import random
 import re
@@ -226,6 +228,60 @@ def test_page_cache_follows_writes_through_any_handle_and_rename(vault: Mount) -
     (v / "g.tmp").write_bytes(b"new contents")
     os.replace(v / "g.tmp", v / "g")
     assert (v / "g").read_bytes() == b"new contents" and os.stat(v / "g").st_size == 12
+
+
+def resident_pages(path: Path, pages: int) -> list[bool]:
+    """Which of the first ``pages`` pages of ``path`` the kernel's page cache holds (mincore(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    length = pages * 4096
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vector = ctypes.create_string_buffer(pages)
+            assert libc.mincore(address, length, vector) == 0, os.strerror(ctypes.get_errno())
+            return [bool(b & 1) for b in vector.raw]
+        finally:
+            libc.munmap(address, length)
+    finally:
+        os.close(fd)
+
+
+def test_coming_back_to_a_chunk_puts_all_of_it_in_the_page_cache(vault: Mount) -> None:
+    """A random read decrypts its whole chunk; once a reader comes back to a chunk (locality),
+    kfs hands the rest of it to the kernel, which then answers those pages itself."""
+    v = vault.path / "vault"
+    chunks = 8
+    data = os.urandom(chunks * CS)
+    (v / "big").write_bytes(data)
+    per_chunk = CS // 4096
+    fd = os.open(v / "big", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the write left pages behind
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for chunk in range(chunks):  # one page of each chunk: decrypted once, nothing pushed
+            assert os.pread(fd, 4096, chunk * CS) == data[chunk * CS:chunk * CS + 4096]
+        first_pass = resident_pages(v / "big", chunks * per_chunk)
+        assert not any(first_pass[page] for page in range(len(first_pass)) if page % per_chunk)
+        # back to chunk 0 (long gone from the reader's few decrypted chunks): the rest of it follows.
+        # (Pages 2 and 3 are the ones no read asked for.  Pages that were read may still be dropped
+        # by the write's own invalidation, which is sent asynchronously, but always before the pushes.)
+        assert os.pread(fd, 4096, 4096) == data[4096:8192]
+        deadline = time.monotonic() + 10
+        while not all(resident_pages(v / "big", per_chunk)[2:]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(resident_pages(v / "big", per_chunk)[2:])
+        reads = vault.status()["fuse"]["requests_by_op"]["read"]
+        assert os.pread(fd, CS - 8192, 8192) == data[8192:CS]  # from the page cache
+        assert vault.status()["fuse"]["requests_by_op"]["read"] == reads
+        assert not any(resident_pages(v / "big", chunks * per_chunk)[per_chunk + 1:2 * per_chunk])
+    finally:
+        os.close(fd)
 
 
 def test_auto_lock_when_idle_but_never_under_an_open_file(kfs_mount: Callable[..., Mount]) -> None:

@@ -130,7 +130,7 @@ class Handle:
 
 
 class KernelCache(Protocol):
-    """What an area may ask of the kernel: forget cached data for its paths.
+    """What an area may ask of the kernel: forget cached data for its paths, or hold some.
 
     Calls are queued and sent from a separate thread, never from inside a
     request handler (that deadlocks the session), so they are safe anywhere.
@@ -139,6 +139,8 @@ class KernelCache(Protocol):
     def invalidate(self, area: str, path: str, attr_only: bool = False) -> None: ...
 
     def invalidate_entry(self, area: str, parent: str, name: str) -> None: ...
+
+    def store(self, area: str, path: str, offset: int, data: bytes | memoryview) -> None: ...
 
 
 class SnapshotSink(Protocol):

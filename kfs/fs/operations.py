@@ -97,11 +97,12 @@ def _join(parent: str, name: str) -> str:
 
 
 class KernelNotifier:
-    """Queues cache invalidations and sends them from a thread of their own.
+    """Queues cache invalidations (and page-cache stores) and sends them from a thread of their own.
 
     Sending one from inside a request handler can deadlock the session (the
-    kernel waits on locks that the in-flight request holds), so areas only
-    enqueue; the thread calls pyfuse3.
+    kernel waits on locks that the in-flight request holds: a store waits for
+    the page locks of a read we have not answered yet), so areas only enqueue;
+    the thread calls pyfuse3.
     """
 
     def __init__(self, inodes: InodeTable) -> None:
@@ -131,6 +132,17 @@ class KernelNotifier:
         if node is not None and self.active:
             self._queue.put(("entry", node.inode, os.fsencode(name)))
 
+    def store(self, area: str, path: str, offset: int, data: bytes | memoryview) -> None:
+        """Put ``data`` into the kernel's page cache of ``path`` at ``offset`` (FUSE notify_store).
+
+        For plaintext an area has just produced anyway (the vault decrypts whole chunks), so
+        the kernel answers the next reads of it.  Queued in the same FIFO as invalidations: a
+        change queued later always lands after it.  ``data`` must not change while queued.
+        """
+        node = self._inodes.find(area, path)
+        if node is not None and self.active:
+            self._queue.put(("store", node.inode, (offset, data)))
+
     def invalidate_area(self, area: str) -> None:
         """Drop the kernel's data and attributes of every inode of ``area`` it may cache.
 
@@ -159,15 +171,17 @@ class KernelNotifier:
             try:
                 if kind == "inode":
                     pyfuse3.invalidate_inode(inode, arg)
+                elif kind == "store":
+                    pyfuse3.notify_store(inode, *arg)
                 elif kind == "barrier":
                     arg.set()
                 else:
                     pyfuse3.invalidate_entry(inode, arg)
             except OSError as e:  # ENOENT: the kernel had already forgotten it
                 if e.errno not in (errno.ENOENT, errno.EBADF):
-                    log.warning("invalidate %s %s failed: %s", kind, inode, e)
+                    log.warning("notify %s %s failed: %s", kind, inode, e)
             except Exception:
-                log.exception("invalidate %s %s failed", kind, inode)
+                log.exception("notify %s %s failed", kind, inode)
 
 
 class KfsOperations(pyfuse3.Operations):

@@ -727,16 +727,16 @@ class VaultArea(Area):
             await done.wait()
 
     def _fill_page_cache(self, handle: VaultHandle, offset: int, length: int) -> None:
-        """Give the kernel the rest of a chunk this read just decrypted (a no-op without the hook).
+        """Give the kernel the rest of a chunk this read just decrypted (see `ReaderView.rest_of_chunk`).
 
         Only for handles opened since the last change (`generation`) and with no writer on
         the path: their data is what the page cache should hold.  The hook queues the store
         in the same FIFO as invalidations, so an invalidation queued by a later change
         always lands after it.
         """
-        store = getattr(self.kernel, "store", None)
-        if store is None or not handle.keep_cache or handle.view is None:
+        if self.kernel is None or not handle.keep_cache or handle.view is None:
             return
+        store = self.kernel.store
         for at, piece in handle.view.rest_of_chunk(offset, length):
             store(self.name, handle.path, at, piece)
             self.count("pages_pushed", (len(piece) + 4095) // 4096)
