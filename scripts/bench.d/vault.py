@@ -1,6 +1,7 @@
 """scripts/bench vault: vault/ on kfs beside the store's own disk and gocryptfs, measured in one run.
 
-(a) sequential write of 256 MiB in 1 MiB writes + fsync
+(a) sequential write of 256 MiB in 1 MiB writes + fsync (best of 3: one run moves with the disk's
+    flushes and with page allocation on this VM, as much as 0.8-1.3x between runs)
 (b) sequential read of it through the daemon (the FUSE file's kernel pages dropped with
     POSIX_FADV_DONTNEED first; the backing file stays in the page cache; best of 3),
     and re-read without dropping (kfs keeps the kernel cache for read-only opens)
@@ -36,17 +37,21 @@ PASS = "bench passphrase"
 DEFAULT_CHUNK = 16384
 
 
-def seq_write(path: Path, mib: int) -> float:
+def seq_write(path: Path, mib: int, runs: int = 3) -> float:
+    """MiB/s of writing ``mib`` MiB in 1 MiB writes and fsyncing them, the best of ``runs``."""
     block = os.urandom(1 << 20)
-    start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for _ in range(mib):
-            os.write(fd, block)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return mib / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(runs):
+        start = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for _ in range(mib):
+                os.write(fd, block)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        best = max(best, mib / (time.perf_counter() - start))
+    return best
 
 
 def drop_pages(path: Path) -> None:
@@ -159,7 +164,7 @@ def run_all(directory: Path, mib: int, seconds: float, rand_ops: int, fuse: bool
         elapsed = time.perf_counter() - start
         cpu[key] = (cpu_seconds(pid) - before) / max(1.0, ops(rates[key], elapsed)) * 1e6
 
-    timed("write", lambda: seq_write(big, mib), lambda rate, t: mib)
+    timed("write", lambda: seq_write(big, mib), lambda rate, t: 3 * mib)
     timed("read", lambda: seq_read(big, 3, drop=fuse), lambda rate, t: 3 * mib)
     timed("reread", lambda: seq_read(big, 3, False), lambda rate, t: 3 * mib)
     timed("rand", lambda: random_reads(big, rand_ops, drop=fuse), lambda rate, t: rand_ops)
