@@ -174,14 +174,8 @@ class StreamsArea(Area):
             # On the loop (a logs/ write, a lock of the vault): publish now, inside the publisher's
             # request.  Waking the pump instead cost a scheduler pass per log write (~35 us, a
             # fifth of an open-append-close), and the event is on disk before the writer is
-            # answered.  An event published while we publish (a subscriber of ours reacting)
-            # waits in the inbox for the loop below.
-            if not self._draining:
-                self._draining = True
-                try:
-                    self._drain_inbox()
-                finally:
-                    self._draining = False
+            # answered.
+            self._drain_inbox()
             return
         if self._trio_token is not None:
             try:
@@ -196,6 +190,20 @@ class StreamsArea(Area):
             self._drain_inbox()
 
     def _drain_inbox(self) -> None:
+        """Publish every event in the inbox, in order (on the trio loop).
+
+        Not re-entered: an event published while we publish (a subscriber of ours reacting)
+        joins the inbox and is taken by the loop already running.
+        """
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            self._publish_inbox()
+        finally:
+            self._draining = False
+
+    def _publish_inbox(self) -> None:
         # Log lines arrive as one `log_lines` event per logs/ write (a 128 KiB write is ~1,000
         # lines): each goes onto the logs stream as its bytes, stamped at the byte level, with
         # one disk write.  Single `log_line` events (published by hand) are batched the old way.
