@@ -100,6 +100,8 @@ class InodeTable:
     def set_identity(self, node: Node, identity: Hashable | None) -> None:
         """Record what the area now says ``node`` is (None: a one-name file, known by path only)."""
         old = node.identity
+        if identity is old or identity == old:
+            return
         if old is not None and self._by_identity.get((node.area, old)) is node:
             del self._by_identity[(node.area, old)]
         node.identity = identity

@@ -275,8 +275,7 @@ class KfsOperations(pyfuse3.Operations):
                     inodes.add_name(other, path)
                     return other
             node = inodes.ensure(area.name, path)
-        if identity is not node.identity and identity != node.identity:
-            inodes.set_identity(node, identity)
+        inodes.set_identity(node, identity)
         return node
 
     async def _still_is(self, area: Area, node: Node, identity: Any) -> bool:
@@ -328,7 +327,7 @@ class KfsOperations(pyfuse3.Operations):
             return self._entry(inode, node.unlinked_attr, self.areas.get(node.area))
         area, path = self._resolve_node(node)
         attr = self.root_attr if area is None else await area.getattr(path)
-        if attr.identity is not node.identity and attr.identity != node.identity:
+        if attr.identity is not node.identity:  # (inline: getattr is a hot path, and None is None)
             self.inodes.set_identity(node, attr.identity)  # linked or unlinked since we last looked
         return self._entry(inode, attr, area)
 
@@ -452,8 +451,7 @@ class KfsOperations(pyfuse3.Operations):
         # the new name is this node: the kernel gets the inode it already has (one st_ino, one
         # page cache); a link reply counts as a lookup
         self.inodes.add_name(node, new)
-        if attr.identity is not node.identity and attr.identity != node.identity:
-            self.inodes.set_identity(node, attr.identity)
+        self.inodes.set_identity(node, attr.identity)
         node.lookups += 1
         return self._entry(node.inode, attr, area)
 
