@@ -110,11 +110,18 @@ def copy_over(src: int, dst: int) -> None:
     os.fsync(dst)
 
 
+def _rewrite_after_commit_point(store: StoreDir, src: int, dst: int, record: str) -> None:
+    """Steps 3 and 4 of an in-place rewrite (module doc): copy the record's contents ``src`` over
+    the committed inode ``dst``, then drop the target's name and the record."""
+    copy_over(src, dst)
+    store.unlink(record + REDO_TARGET_SUFFIX)
+    store.unlink(record)
+
+
 def finish_rewrite(store: StoreDir, record: str) -> bool:
     """Finish the in-place rewrite whose record is ``record`` (at mount); True if a copy was redone."""
-    target = record + REDO_TARGET_SUFFIX
     try:
-        fd = store.open_fd(target, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = store.open_fd(record + REDO_TARGET_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:  # the copy was durable before the target's name went
         store.unlink(record)
         return False
@@ -123,15 +130,13 @@ def finish_rewrite(store: StoreDir, record: str) -> bool:
         try:
             src = store.open_fd(record, os.O_RDONLY)
             try:
-                copy_over(src, dst)
+                _rewrite_after_commit_point(store, src, dst, record)
             finally:
                 os.close(src)
         finally:
             os.close(dst)
     finally:
         os.close(fd)
-    store.unlink(target)
-    store.unlink(record)
     return True
 
 
@@ -716,11 +721,9 @@ class WorkingFile:
                 self.store.unlink(target)
                 raise
             self.temp_name = None  # from here on the record is the new contents, redone at mount
-            copy_over(self.fd, dst)
+            _rewrite_after_commit_point(self.store, self.fd, dst, record)
         finally:
             os.close(dst)
-        self.store.unlink(target)
-        self.store.unlink(record)
         n = chunk_count(self.size, self.cs)
         os.close(self.fd)
         self.fd, self.target_fd = self.target_fd, None
